@@ -1,0 +1,1 @@
+//! Conformance suite. IN PROGRESS (helper owns this file).
