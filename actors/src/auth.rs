@@ -1,0 +1,66 @@
+//! What a connection may do, as read from its token by the node.
+
+use chorus_protocol::Millis;
+
+use crate::Fail;
+
+/// The verified claims of a connection's token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claims {
+    /// `sub`: the user id.
+    pub user: String,
+    /// `exp`, in milliseconds since the epoch.
+    pub expires_at: Millis,
+    /// `rooms`: room ids (or `prefix*` patterns) the client may join, read and post to; `None`: any.
+    pub rooms: Option<Vec<String>>,
+    /// `topics`: topics the client may subscribe to; `None`: any.
+    pub topics: Option<Vec<String>>,
+    /// `publish`: topics the client may publish to; empty: none.
+    pub publish: Vec<String>,
+}
+
+fn matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => p == name,
+    })
+}
+
+impl Claims {
+    pub fn may_use_room(&self, room: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|p| matches(p, room))
+    }
+    pub fn may_subscribe_topic(&self, topic: &str) -> bool {
+        self.topics.as_ref().is_none_or(|p| matches(p, topic))
+    }
+    pub fn may_publish_topic(&self, topic: &str) -> bool {
+        matches(&self.publish, topic)
+    }
+}
+
+/// Verifies a token (the node implements it with its configured keys).
+pub trait TokenVerifier: Send + Sync + 'static {
+    fn verify(&self, token: &str) -> Result<Claims, Fail>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let c = Claims {
+            user: "u".into(),
+            expires_at: 0,
+            rooms: Some(vec!["team-*".into(), "lobby".into()]),
+            topics: None,
+            publish: vec!["post:*".into()],
+        };
+        assert!(c.may_use_room("team-1"));
+        assert!(c.may_use_room("lobby"));
+        assert!(!c.may_use_room("lobby2"));
+        assert!(c.may_subscribe_topic("anything"));
+        assert!(c.may_publish_topic("post:9"));
+        assert!(!c.may_publish_topic("poll:9"));
+    }
+}

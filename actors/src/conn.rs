@@ -1,0 +1,618 @@
+//! The connection actor: one per WebSocket.
+//!
+//! The node's socket reader decodes each frame into a [`RawRequest`] and tells
+//! this actor; the actor rate-limits it, checks its arguments and the token's
+//! claims, and dispatches it: to a room (which replies through the hub, so the
+//! reply is ordered with that room's pushes), to the user actor, or to the
+//! store directly for plain reads. Replies it produces itself go straight to
+//! the connection's outbound queue. When the socket ends, `on_stop` removes
+//! the connection from the hub, its rooms, the users it watched and its own
+//! user's presence.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chorus_protocol::ops::{
+    HistoryPage, Members as MembersResult, NotifPage, PresenceList, RoomsList,
+};
+use chorus_protocol::{
+    close, now_ms, valid_id, Channel, ChannelKind, EntryKind, ErrorCode, Presence, RawRequest,
+    Reply, Request, RoomInfo, RoomKind, ServerFrame, SharedFrame, Status,
+};
+use chorus_storage::MAX_PAGE;
+use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::ActorStopReason;
+use kameo::message::{Context, Message};
+use kameo::Actor;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::hub::{ConnId, ConnSink, PushError, Register, Unregister};
+use crate::room::{self, new_epoch};
+use crate::services::{Replier, Services};
+use crate::user;
+use crate::{Claims, Fail};
+
+/// Longest client-supplied message id.
+const MAX_CLIENT_ID: usize = 128;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+    rejected_in_a_row: u32,
+}
+
+impl RateLimiter {
+    fn new(rate: u32, burst: u32) -> RateLimiter {
+        let burst = burst.max(1) as f64;
+        RateLimiter { rate: rate as f64, burst, tokens: burst, at: Instant::now(), rejected_in_a_row: 0 }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.rejected_in_a_row = 0;
+            true
+        } else {
+            self.rejected_in_a_row += 1;
+            false
+        }
+    }
+}
+
+pub struct ConnArgs {
+    pub svc: Arc<Services>,
+    pub id: ConnId,
+    pub claims: Claims,
+    pub sink: ConnSink,
+}
+
+pub struct ConnActor {
+    svc: Arc<Services>,
+    id: ConnId,
+    claims: Claims,
+    sink: ConnSink,
+    limiter: RateLimiter,
+    subscriptions: HashSet<String>,
+    watching: HashSet<String>,
+    last_activity_report: Instant,
+}
+
+impl Actor for ConnActor {
+    type Args = ConnArgs;
+    type Error = Fail;
+
+    async fn on_start(args: ConnArgs, me: ActorRef<Self>) -> Result<Self, Fail> {
+        let ConnArgs { svc, id, claims, sink } = args;
+        svc.hub
+            .tell(Register { conn: id, sink: sink.clone() })
+            .await
+            .map_err(|_| Fail::new(ErrorCode::ShuttingDown, "node is shutting down"))?;
+        svc.tell_user(&claims.user, user::Connected { conn: id }).await?;
+        svc.metrics.connections.inc();
+        svc.metrics.connections_total.inc();
+        schedule_token_check(&me, claims.expires_at);
+        let limiter = RateLimiter::new(svc.config.rate_per_sec, svc.config.rate_burst);
+        Ok(ConnActor {
+            svc,
+            id,
+            claims,
+            sink,
+            limiter,
+            subscriptions: HashSet::new(),
+            watching: HashSet::new(),
+            last_activity_report: Instant::now(),
+        })
+    }
+
+    async fn on_stop(&mut self, _: WeakActorRef<Self>, _: ActorStopReason) -> Result<(), Fail> {
+        self.svc.metrics.connections.dec();
+        let _ = self.svc.hub.tell(Unregister { conn: self.id }).await;
+        for channel in std::mem::take(&mut self.subscriptions) {
+            if let Some(room) = self.svc.room_if_active(&channel) {
+                let _ = room.tell(room::Unsubscribe { conn: self.id }).await;
+            }
+        }
+        for u in std::mem::take(&mut self.watching) {
+            if let Some(actor) = self.svc.user_if_active(&u) {
+                let _ = actor.tell(user::Unwatch { conn: self.id }).await;
+            }
+        }
+        let _ = self.svc.tell_user(&self.claims.user, user::Disconnected { conn: self.id }).await;
+        Ok(())
+    }
+}
+
+fn schedule_token_check(me: &ActorRef<ConnActor>, expires_at: i64) {
+    let wait = Duration::from_millis((expires_at - now_ms()).max(0) as u64);
+    let _ = me.tell(TokenCheck).send_after(wait);
+}
+
+fn to_value<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The id of the direct room of two users: the same whoever asks.
+pub fn direct_room_id(a: &str, b: &str) -> String {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    // The length prefix keeps ids containing ':' from colliding.
+    format!("dm:{}:{x}:{y}", x.len())
+}
+
+impl ConnActor {
+    fn reply(&self, id: u64, result: Result<Value, Fail>) {
+        let reply = match result {
+            Ok(v) => Reply::ok(id, v),
+            Err(f) => {
+                self.svc.metrics.error(f.code);
+                Reply::err(id, f.code, f.message)
+            }
+        };
+        let frame = Arc::new(SharedFrame::new(ServerFrame::Reply(reply)));
+        if let Err(PushError::Full) = self.sink.push(frame) {
+            self.svc.metrics.slow_consumers.inc();
+            self.sink.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+        }
+    }
+
+    fn conn_replier(&self, id: u64) -> Replier {
+        Replier::Conn { conn: self.id, id }
+    }
+
+    fn user(&self) -> String {
+        self.claims.user.clone()
+    }
+
+    fn check_room(&self, room: &str) -> Result<String, Fail> {
+        if !valid_id(room) {
+            return Err(Fail::new(ErrorCode::InvalidValue, "invalid room id"));
+        }
+        if !self.claims.may_use_room(room) {
+            return Err(Fail::new(ErrorCode::Forbidden, "your token does not allow this room"));
+        }
+        Ok(Channel::room(room).key())
+    }
+
+    /// Parses a channel name and checks the token allows reading it.
+    fn check_channel_read(&self, name: &str) -> Result<Channel, Fail> {
+        let ch = Channel::parse(name).ok_or_else(|| {
+            Fail::new(ErrorCode::BadChannel, "channel must be room:<id>, topic:<name> or feed:<user>")
+        })?;
+        let ok = match ch.kind {
+            ChannelKind::Room => self.claims.may_use_room(&ch.name),
+            ChannelKind::Topic => self.claims.may_subscribe_topic(&ch.name),
+            ChannelKind::Feed => ch.name == self.claims.user,
+        };
+        if ok {
+            Ok(ch)
+        } else {
+            Err(Fail::new(ErrorCode::Forbidden, "your token does not allow this channel"))
+        }
+    }
+
+    async fn report_activity(&mut self) {
+        let every = self.svc.config.idle_after / 4;
+        if self.last_activity_report.elapsed() >= every {
+            self.last_activity_report = Instant::now();
+            let _ = self.svc.tell_user(&self.claims.user, user::Activity { conn: self.id }).await;
+        }
+    }
+
+    /// Handles one request. `None`: someone else (a room) sends the reply.
+    async fn dispatch(&mut self, id: u64, req: Request) -> Option<Result<Value, Fail>> {
+        let svc = self.svc.clone();
+        let me = self.user();
+        let r = match req {
+            Request::Ping => Ok(json!({"pong": now_ms()})),
+            Request::AuthRefresh(a) => self.refresh(a.token),
+            Request::RoomCreate(a) => {
+                if a.kind == RoomKind::Direct {
+                    return Some(Err(Fail::new(ErrorCode::WrongRoomKind, "use room.direct for direct rooms")));
+                }
+                let room_id = a.room.unwrap_or_else(|| format!("r{}", new_epoch()));
+                let key = match self.check_room(&room_id) {
+                    Ok(k) => k,
+                    Err(f) => return Some(Err(f)),
+                };
+                if let Some(bad) = a.members.iter().find(|m| !valid_id(m)) {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, format!("invalid member id `{}`", truncate(bad)))));
+                }
+                if a.name.as_ref().is_some_and(|n| n.len() > 256) {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "name longer than 256 bytes")));
+                }
+                let info = RoomInfo { id: room_id, kind: a.kind, name: a.name, created_by: me, created_at: now_ms() };
+                let msg = room::Create { info, members: a.members, replier: self.conn_replier(id) };
+                svc.tell_room(&key, msg).await.map(|_| Value::Null)
+            }
+            Request::RoomDirect(a) => {
+                if !valid_id(&a.user) || a.user == me {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "direct rooms need another valid user id")));
+                }
+                let room_id = direct_room_id(&me, &a.user);
+                let key = match self.check_room(&room_id) {
+                    Ok(k) => k,
+                    Err(f) => return Some(Err(f)),
+                };
+                let info = RoomInfo { id: room_id, kind: RoomKind::Direct, name: None, created_by: me, created_at: now_ms() };
+                let msg = room::Create { info, members: vec![a.user], replier: self.conn_replier(id) };
+                svc.tell_room(&key, msg).await.map(|_| Value::Null)
+            }
+            Request::RoomJoin(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    self.subscriptions.insert(key.clone());
+                    let msg = room::Join { user: me, conn: Some(self.id), replier: self.conn_replier(id), req_id: id };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::RoomLeave(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    let r = svc.tell_room(&key, room::Leave { user: me, replier: self.conn_replier(id) }).await;
+                    if self.subscriptions.remove(&key) {
+                        let _ = svc.tell_room(&key, room::Unsubscribe { conn: self.id }).await;
+                    }
+                    r.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::RoomInvite(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    let msg = room::Invite { by: Some(me), user: a.user, replier: self.conn_replier(id) };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::RoomKick(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    let msg = room::Kick { by: Some(me), user: a.user, replier: self.conn_replier(id) };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::RoomMembers(a) => match self.check_room(&a.room) {
+                Ok(key) => svc
+                    .ask_room(&key, room::Members { user: Some(me) })
+                    .await
+                    .map(|members| to_value(&MembersResult { room: a.room, members })),
+                Err(f) => Err(f),
+            },
+            Request::RoomsList => self.rooms_list().await,
+            Request::Send(a) => {
+                if a.text.len() > svc.config.max_text_bytes {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, format!("text longer than {} bytes", svc.config.max_text_bytes))));
+                }
+                if a.client_id.as_ref().is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID) {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "client_id must be 1..=128 bytes")));
+                }
+                match self.check_room(&a.room) {
+                    Ok(key) => {
+                        let msg = room::Publish {
+                            sender: Some(me),
+                            as_client: true,
+                            kind: EntryKind::Message,
+                            text: Some(a.text),
+                            attachments: a.attachments,
+                            reply_to: a.reply_to,
+                            data: None,
+                            client_id: a.client_id,
+                            replier: self.conn_replier(id),
+                        };
+                        svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                    }
+                    Err(f) => Err(f),
+                }
+            }
+            Request::Edit(a) => {
+                if a.text.len() > svc.config.max_text_bytes {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "text too long")));
+                }
+                match self.check_room(&a.room) {
+                    Ok(key) => {
+                        let msg = room::Edit { user: me, offset: a.offset, text: Some(a.text), replier: self.conn_replier(id) };
+                        svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                    }
+                    Err(f) => Err(f),
+                }
+            }
+            Request::Delete(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    let msg = room::Edit { user: me, offset: a.offset, text: None, replier: self.conn_replier(id) };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::History(a) => self.history(a).await,
+            Request::Typing(a) => match self.check_room(&a.room) {
+                Ok(key) => svc.tell_room(&key, room::Typing { user: me }).await.map(|_| json!({})),
+                Err(f) => Err(f),
+            },
+            Request::Read(a) => match self.check_room(&a.room) {
+                Ok(key) => {
+                    let msg = room::Read { user: me, offset: a.offset, replier: self.conn_replier(id) };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::Subscribe(a) => match self.check_channel_read(&a.channel) {
+                Ok(ch) => {
+                    let key = ch.key();
+                    self.subscriptions.insert(key.clone());
+                    let from = a.offset.map(|o| (o, a.epoch));
+                    let msg = room::Subscribe { user: me, conn: self.id, from, req_id: id };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
+                }
+                Err(f) => Err(f),
+            },
+            Request::Unsubscribe(a) => match Channel::parse(&a.channel) {
+                Some(ch) => {
+                    let key = ch.key();
+                    if self.subscriptions.remove(&key) {
+                        if let Some(room) = svc.room_if_active(&key) {
+                            let _ = room.tell(room::Unsubscribe { conn: self.id }).await;
+                        }
+                        Ok(json!({"channel": key}))
+                    } else {
+                        Err(Fail::new(ErrorCode::NotSubscribed, "not subscribed to this channel"))
+                    }
+                }
+                None => Err(Fail::new(ErrorCode::BadChannel, "bad channel name")),
+            },
+            Request::TopicPublish(a) => {
+                if !valid_id(&a.topic) {
+                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "invalid topic name")));
+                }
+                if !self.claims.may_publish_topic(&a.topic) {
+                    return Some(Err(Fail::new(ErrorCode::Forbidden, "your token does not allow publishing to this topic")));
+                }
+                let msg = room::Publish {
+                    sender: Some(me),
+                    as_client: true,
+                    kind: EntryKind::Publish,
+                    text: None,
+                    attachments: None,
+                    reply_to: None,
+                    data: Some(a.data),
+                    client_id: a.client_id,
+                    replier: self.conn_replier(id),
+                };
+                svc.tell_room(&Channel::topic(&a.topic).key(), msg).await.map(|_| Value::Null)
+            }
+            Request::NotifList(a) => {
+                let limit = a.limit.unwrap_or(50).clamp(1, MAX_PAGE as u32 - 1) as usize;
+                let now = now_ms();
+                let r = async {
+                    let mut items = svc.store.list_notifications(&me, a.before, limit + 1, a.unread_only, now).await?;
+                    let more = items.len() > limit;
+                    items.truncate(limit);
+                    let unread = svc.store.unread_notifications(&me, now).await?;
+                    Ok::<_, Fail>(to_value(&NotifPage { items, unread, more }))
+                };
+                r.await
+            }
+            Request::NotifUnread => svc
+                .store
+                .unread_notifications(&me, now_ms())
+                .await
+                .map(|n| json!({"unread": n}))
+                .map_err(Fail::from),
+            Request::NotifRead(a) => {
+                if !a.all && a.ids.is_empty() {
+                    return Some(Err(Fail::new(ErrorCode::InvalidArgs, "give `ids` or `all: true`")));
+                }
+                let ids = if a.all { None } else { Some(a.ids) };
+                svc.ask_user(&me, user::MarkRead { ids }).await.map(|p| to_value(&p))
+            }
+            Request::PrefsGet => svc
+                .store
+                .get_prefs(&me)
+                .await
+                .map(|p| to_value(&p.unwrap_or_default()))
+                .map_err(Fail::from),
+            Request::PrefsSet(prefs) => svc.ask_user(&me, user::SetPrefs { prefs }).await.map(|p| to_value(&p)),
+            Request::PresenceSet(a) => svc
+                .ask_user(&me, user::SetPresence { conn: self.id, status: a.status, activity: a.activity })
+                .await
+                .map(|p| to_value(&p)),
+            Request::PresenceWatch(a) => self.watch(a.users, a.room).await,
+            Request::PresenceUnwatch(a) => {
+                let mut users = a.users;
+                if let Some(room) = a.room {
+                    if let Ok(key) = self.check_room(&room) {
+                        if let Ok(members) = svc.ask_room(&key, room::Members { user: Some(me.clone()) }).await {
+                            users.extend(members.into_iter().map(|m| m.user));
+                        }
+                    }
+                }
+                for u in users {
+                    if self.watching.remove(&u) {
+                        if let Some(actor) = svc.user_if_active(&u) {
+                            let _ = actor.tell(user::Unwatch { conn: self.id }).await;
+                        }
+                    }
+                }
+                Ok(json!({"watching": self.watching.len()}))
+            }
+            Request::PresenceQuery(a) => self.query_presence(a.users).await,
+        };
+        match r {
+            Ok(Value::Null) => None,
+            other => Some(other),
+        }
+    }
+
+    fn refresh(&mut self, token: String) -> Result<Value, Fail> {
+        let claims = self.svc.verifier.verify(&token)?;
+        if claims.user != self.claims.user {
+            return Err(Fail::new(ErrorCode::TokenUserMismatch, "the new token is for another user"));
+        }
+        let expires_at = claims.expires_at;
+        self.claims = claims;
+        Ok(json!({"expires_at": expires_at}))
+    }
+
+    async fn rooms_list(&self) -> Result<Value, Fail> {
+        let me = self.user();
+        let ids = self.svc.store.user_rooms(&me).await?;
+        let mut rooms = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = Channel::room(&id).key();
+            match self.svc.ask_room(&key, room::Summary { user: me.clone() }).await {
+                Ok(s) => rooms.push(s),
+                Err(f) if matches!(f.code, ErrorCode::RoomNotFound | ErrorCode::NotMember) => {}
+                Err(f) => return Err(f),
+            }
+        }
+        Ok(to_value(&RoomsList { rooms }))
+    }
+
+    async fn history(&self, a: chorus_protocol::ops::History) -> Result<Value, Fail> {
+        let ch = self.check_channel_read(&a.channel)?;
+        let key = ch.key();
+        let head = self.svc.ask_room(&key, room::Authorize { user: Some(self.user()) }).await?;
+        let limit = a.limit.unwrap_or(50).clamp(1, self.svc.config.max_page as u32) as usize;
+        let (entries, more) = if let Some(after) = a.after {
+            if after >= head.offset {
+                (Vec::new(), false)
+            } else {
+                let mut v = self.svc.store.read_range(&key, after + 1, head.offset, limit + 1).await?;
+                let more = v.len() > limit;
+                v.truncate(limit);
+                (v, more)
+            }
+        } else {
+            let before = a.before.unwrap_or(u64::MAX).min(head.offset + 1);
+            let mut v = self.svc.store.read_before(&key, before, limit + 1).await?;
+            let more = v.len() > limit;
+            if more {
+                v.remove(0);
+            }
+            (v, more)
+        };
+        Ok(to_value(&HistoryPage { channel: key, head, entries, more }))
+    }
+
+    async fn watch(&mut self, mut users: Vec<String>, room: Option<String>) -> Result<Value, Fail> {
+        let me = self.user();
+        if let Some(room) = room {
+            let key = self.check_room(&room)?;
+            let members = self.svc.ask_room(&key, room::Members { user: Some(me.clone()) }).await?;
+            users.extend(members.into_iter().map(|m| m.user).filter(|u| *u != me));
+        }
+        users.sort();
+        users.dedup();
+        if let Some(bad) = users.iter().find(|u| !valid_id(u)) {
+            return Err(Fail::new(ErrorCode::InvalidValue, format!("invalid user id `{}`", truncate(bad))));
+        }
+        let new: Vec<&String> = users.iter().filter(|u| !self.watching.contains(*u)).collect();
+        if self.watching.len() + new.len() > self.svc.config.max_watch {
+            return Err(Fail::new(ErrorCode::InvalidValue, format!("at most {} watched users per connection", self.svc.config.max_watch)));
+        }
+        let mut out = Vec::with_capacity(users.len());
+        for u in &users {
+            let p = self.svc.ask_user(u, user::Watch { conn: self.id }).await?;
+            self.watching.insert(u.clone());
+            out.push(p);
+        }
+        Ok(to_value(&PresenceList { users: out }))
+    }
+
+    async fn query_presence(&self, users: Vec<String>) -> Result<Value, Fail> {
+        if users.len() > self.svc.config.max_watch {
+            return Err(Fail::new(ErrorCode::InvalidValue, "too many users in one query"));
+        }
+        let mut out = Vec::with_capacity(users.len());
+        for u in users {
+            if !valid_id(&u) {
+                return Err(Fail::new(ErrorCode::InvalidValue, format!("invalid user id `{}`", truncate(&u))));
+            }
+            // An inactive user actor means no connection: offline, without activating it.
+            let p = match self.svc.user_if_active(&u) {
+                Some(actor) => match actor.ask(user::Query).await {
+                    Ok(p) => p,
+                    Err(_) => offline(&u, self.svc.store.last_seen(&u).await?),
+                },
+                None => offline(&u, self.svc.store.last_seen(&u).await?),
+            };
+            out.push(p);
+        }
+        Ok(to_value(&PresenceList { users: out }))
+    }
+}
+
+fn offline(user: &str, last_seen: Option<i64>) -> Presence {
+    Presence { user: user.to_string(), status: Status::Offline, last_seen, activity: None, devices: 0 }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// A decoded request from the socket.
+pub struct Inbound(pub RawRequest);
+
+/// Re-checks the token's expiry.
+struct TokenCheck;
+
+impl Message<Inbound> for ConnActor {
+    type Reply = ();
+    async fn handle(&mut self, Inbound(req): Inbound, _: &mut Context<Self, ()>) {
+        if !self.limiter.allow() {
+            self.reply(req.id, Err(Fail::new(ErrorCode::RateLimited, "too many requests, slow down")));
+            if self.limiter.rejected_in_a_row > self.svc.config.rate_burst.max(10) {
+                self.sink.close(close::RATE_LIMITED, "rate limit exceeded repeatedly");
+            }
+            return;
+        }
+        if self.svc.is_stopping() {
+            self.reply(req.id, Err(Fail::new(ErrorCode::ShuttingDown, "node is shutting down, reconnect")));
+            return;
+        }
+        self.report_activity().await;
+        match Request::parse(&req.op, req.args) {
+            Err(e) => self.reply(req.id, Err(e.into())),
+            Ok(r) => {
+                if let Some(result) = self.dispatch(req.id, r).await {
+                    self.reply(req.id, result);
+                }
+            }
+        }
+    }
+}
+
+impl Message<TokenCheck> for ConnActor {
+    type Reply = ();
+    async fn handle(&mut self, _: TokenCheck, ctx: &mut Context<Self, ()>) {
+        if self.claims.expires_at <= now_ms() {
+            self.svc.metrics.error(ErrorCode::TokenExpired);
+            self.sink.close(close::TOKEN_EXPIRED, "token expired");
+        } else {
+            schedule_token_check(ctx.actor_ref(), self.claims.expires_at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_room_ids_are_symmetric_and_unambiguous() {
+        assert_eq!(direct_room_id("bob", "alice"), direct_room_id("alice", "bob"));
+        assert_ne!(direct_room_id("a:b", "c"), direct_room_id("a", "b:c"));
+    }
+
+    #[test]
+    fn rate_limiter_allows_burst_then_refuses() {
+        let mut l = RateLimiter::new(0, 3);
+        assert!(l.allow() && l.allow() && l.allow());
+        assert!(!l.allow());
+        assert_eq!(l.rejected_in_a_row, 1);
+    }
+}
