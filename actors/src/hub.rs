@@ -82,12 +82,28 @@ impl ConnSink {
         self.closer.token.cancel();
     }
 
+    /// Resolves once someone asked to close this connection.
+    pub async fn closed(&self) {
+        self.closer.token.cancelled().await
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closer.token.is_cancelled() || self.tx.is_closed()
     }
 }
 
+/// Observes a connection's close request (owned separately from the queue's receiver).
+pub struct CloseWatch {
+    closer: Arc<Closer>,
+}
+
 impl ConnOutbox {
+    pub fn split(self) -> (mpsc::Receiver<Arc<SharedFrame>>, CloseWatch) {
+        (self.rx, CloseWatch { closer: self.closer })
+    }
+}
+
+impl CloseWatch {
     /// Resolves when someone asked to close this connection; gives the code and reason.
     pub async fn closed(&self) -> (u16, String) {
         self.closer.token.cancelled().await;
@@ -293,6 +309,7 @@ mod tests {
         let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new())));
         let (fast, mut fast_out) = outbound(8);
         let (slow, slow_out) = outbound(1);
+        let (_, slow_out) = slow_out.split();
         hub.tell(Register { conn: 1, sink: fast }).await.unwrap();
         hub.tell(Register { conn: 2, sink: slow }).await.unwrap();
         for conn in [1, 2] {

@@ -1,0 +1,441 @@
+//! The server API (`/api/v1`): what the app's own backend calls.
+//!
+//! Every route needs the `x-api-key` header (compared in constant time).
+//! Errors are `{"error": {"code", "name", "message", "retryable"}}` with an
+//! HTTP status that matches the code.
+
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use chorus_actors::room;
+use chorus_actors::services::Replier;
+use chorus_actors::user::{Notify, NotifySpec, Query};
+use chorus_actors::Fail;
+use chorus_protocol::ops::{HistoryPage, NotifPage};
+use chorus_protocol::{
+    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Millis, Presence, Priority,
+    RoomInfo, RoomKind, Status,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::api_key_matches;
+use crate::AppState;
+
+/// Most users one notification or feed call may address.
+const MAX_RECIPIENTS: usize = 10_000;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api/v1")
+            .route("/rooms", web::post().to(create_room))
+            .route("/rooms/{room}", web::get().to(get_room))
+            .route("/rooms/{room}/members", web::post().to(add_member))
+            .route("/rooms/{room}/members/{user}", web::delete().to(remove_member))
+            .route("/rooms/{room}/messages", web::post().to(post_message))
+            .route("/rooms/{room}/messages", web::get().to(room_history))
+            .route("/notifications", web::post().to(notify))
+            .route("/users/{user}/notifications", web::get().to(list_notifications))
+            .route("/users/{user}/presence", web::get().to(presence))
+            .route("/topics/{topic}/publish", web::post().to(publish_topic))
+            .route("/feeds", web::post().to(publish_feeds)),
+    );
+}
+
+pub fn status_for(code: ErrorCode) -> StatusCode {
+    use ErrorCode::*;
+    match code {
+        MalformedFrame | UnknownOp | InvalidArgs | InvalidValue | WrongEncoding | BadChannel
+        | WrongRoomKind => StatusCode::BAD_REQUEST,
+        FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        TokenMissing | TokenMalformed | TokenBadSignature | TokenExpired | TokenAlgorithm
+        | TokenMissingClaim | TokenUserMismatch | ApiKeyInvalid => StatusCode::UNAUTHORIZED,
+        Forbidden | NotMember | NotAuthor => StatusCode::FORBIDDEN,
+        RoomNotFound | MessageNotFound | NotificationNotFound | NotSubscribed => StatusCode::NOT_FOUND,
+        RoomExists | Conflict => StatusCode::CONFLICT,
+        Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        StoreUnavailable | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+pub fn error_response(status: StatusCode, f: Fail) -> HttpResponse {
+    HttpResponse::build(status)
+        .insert_header(("x-chorus-error", f.code.code().to_string()))
+        .json(json!({"error": ErrorBody::new(f.code, f.message)}))
+}
+
+/// A failed API call: rendered as the JSON error body with the matching status.
+#[derive(Debug)]
+pub struct ApiError(Fail);
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl actix_web::ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        status_for(self.0.code)
+    }
+    fn error_response(&self) -> HttpResponse {
+        error_response(self.status_code(), self.0.clone())
+    }
+}
+
+fn fail(f: Fail) -> ApiError {
+    ApiError(f)
+}
+
+type ApiResult = Result<HttpResponse, ApiError>;
+
+fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let presented = req.headers().get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
+    if api_key_matches(presented, &state.api_key) {
+        Ok(())
+    } else {
+        state.services.metrics.error(ErrorCode::ApiKeyInvalid);
+        Err(fail(Fail::new(ErrorCode::ApiKeyInvalid, "missing or wrong x-api-key")))
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    fail(Fail::new(ErrorCode::InvalidValue, msg))
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(bad(format!("invalid {what} id")))
+    }
+}
+
+/// How long the API waits for an actor's reply, so a request never hangs forever.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn wait_value(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> Result<Value, ApiError> {
+    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(f))) => Err(fail(f)),
+        Ok(Err(_)) => Err(fail(Fail::new(ErrorCode::Internal, "request dropped"))),
+        Err(_) => Err(fail(Fail::new(ErrorCode::Overloaded, "timed out, retry"))),
+    }
+}
+
+async fn wait(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> ApiResult {
+    wait_value(rx).await.map(|v| HttpResponse::Ok().json(v))
+}
+
+#[derive(Deserialize)]
+struct CreateRoom {
+    #[serde(default)]
+    room: Option<String>,
+    kind: RoomKind,
+    #[serde(default)]
+    name: Option<String>,
+    /// The room's owner (for direct rooms: one of the two users).
+    created_by: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+async fn create_room(req: HttpRequest, state: web::Data<AppState>, body: web::Json<CreateRoom>) -> ApiResult {
+    check_key(&req, &state)?;
+    let b = body.into_inner();
+    check_id("user", &b.created_by)?;
+    for m in &b.members {
+        check_id("member", m)?;
+    }
+    let id = match (b.kind, b.room) {
+        (RoomKind::Direct, _) => {
+            let [other] = b.members.as_slice() else {
+                return Err(bad("a direct room has `created_by` and exactly one other member"));
+            };
+            chorus_actors::conn::direct_room_id(&b.created_by, other)
+        }
+        (_, Some(id)) => id,
+        (_, None) => format!("r{}", chorus_actors::room::new_epoch()),
+    };
+    check_id("room", &id)?;
+    let info = RoomInfo { id: id.clone(), kind: b.kind, name: b.name, created_by: b.created_by, created_at: now_ms() };
+    let (replier, rx) = Replier::waiter();
+    state
+        .services
+        .tell_room(&Channel::room(&id).key(), room::Create { info, members: b.members, replier })
+        .await
+        .map_err(fail)?;
+    wait(rx).await
+}
+
+async fn get_room(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> ApiResult {
+    check_key(&req, &state)?;
+    let id = path.into_inner();
+    check_id("room", &id)?;
+    let store = &state.services.store;
+    let room = store.get_room(&id).await.map_err(|e| fail(e.into()))?;
+    let Some(room) = room else { return Err(fail(Fail::new(ErrorCode::RoomNotFound, "no such room"))) };
+    let members = state
+        .services
+        .ask_room(&Channel::room(&id).key(), room::Members { user: None })
+        .await
+        .map_err(fail)?;
+    Ok(HttpResponse::Ok().json(json!({"room": room, "members": members})))
+}
+
+#[derive(Deserialize)]
+struct AddMember {
+    user: String,
+}
+
+async fn add_member(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<AddMember>) -> ApiResult {
+    check_key(&req, &state)?;
+    let id = path.into_inner();
+    check_id("room", &id)?;
+    let (replier, rx) = Replier::waiter();
+    let msg = room::Invite { by: None, user: body.into_inner().user, replier };
+    state.services.tell_room(&Channel::room(&id).key(), msg).await.map_err(fail)?;
+    wait(rx).await
+}
+
+async fn remove_member(req: HttpRequest, state: web::Data<AppState>, path: web::Path<(String, String)>) -> ApiResult {
+    check_key(&req, &state)?;
+    let (id, user) = path.into_inner();
+    check_id("room", &id)?;
+    let (replier, rx) = Replier::waiter();
+    state.services.tell_room(&Channel::room(&id).key(), room::Kick { by: None, user, replier }).await.map_err(fail)?;
+    wait(rx).await
+}
+
+#[derive(Deserialize)]
+struct PostMessage {
+    /// The author shown to clients (the server API may post as any user, or as nobody).
+    #[serde(default)]
+    sender: Option<String>,
+    text: String,
+    #[serde(default)]
+    attachments: Option<Value>,
+    #[serde(default)]
+    reply_to: Option<u64>,
+    #[serde(default)]
+    client_id: Option<String>,
+}
+
+async fn post_message(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<PostMessage>) -> ApiResult {
+    check_key(&req, &state)?;
+    let id = path.into_inner();
+    check_id("room", &id)?;
+    let b = body.into_inner();
+    if let Some(s) = &b.sender {
+        check_id("sender", s)?;
+    }
+    if b.text.len() > state.services.config.max_text_bytes {
+        return Err(bad("text too long"));
+    }
+    let (replier, rx) = Replier::waiter();
+    let msg = room::Publish {
+        sender: b.sender,
+        as_client: false,
+        kind: EntryKind::Message,
+        text: Some(b.text),
+        attachments: b.attachments,
+        reply_to: b.reply_to,
+        data: None,
+        client_id: b.client_id,
+        replier,
+    };
+    state.services.tell_room(&Channel::room(&id).key(), msg).await.map_err(fail)?;
+    wait(rx).await
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn room_history(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, q: web::Query<HistoryQuery>) -> ApiResult {
+    check_key(&req, &state)?;
+    let id = path.into_inner();
+    check_id("room", &id)?;
+    let key = Channel::room(&id).key();
+    let svc = &state.services;
+    let head = svc.ask_room(&key, room::Authorize { user: None }).await.map_err(fail)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, svc.config.max_page);
+    let store = &svc.store;
+    let (entries, more) = if let Some(after) = q.after {
+        let mut v = if after >= head.offset { Vec::new() } else { store.read_range(&key, after + 1, head.offset, limit + 1).await.map_err(|e| fail(e.into()))? };
+        let more = v.len() > limit;
+        v.truncate(limit);
+        (v, more)
+    } else {
+        let before = q.before.unwrap_or(u64::MAX).min(head.offset + 1);
+        let mut v = store.read_before(&key, before, limit + 1).await.map_err(|e| fail(e.into()))?;
+        let more = v.len() > limit;
+        if more {
+            v.remove(0);
+        }
+        (v, more)
+    };
+    Ok(HttpResponse::Ok().json(HistoryPage { channel: key, head, entries, more }))
+}
+
+#[derive(Deserialize)]
+struct NotifyBody {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default = "normal")]
+    priority: Priority,
+    #[serde(default)]
+    category: Option<String>,
+    #[serde(default)]
+    room: Option<String>,
+    /// Lifetime in milliseconds; the notification disappears after it.
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+fn normal() -> Priority {
+    Priority::Normal
+}
+
+async fn notify(req: HttpRequest, state: web::Data<AppState>, body: web::Json<NotifyBody>) -> ApiResult {
+    check_key(&req, &state)?;
+    let b = body.into_inner();
+    let mut users = b.users;
+    users.extend(b.user);
+    if users.is_empty() || users.len() > MAX_RECIPIENTS {
+        return Err(bad(format!("give `user` or `users` (1..={MAX_RECIPIENTS})")));
+    }
+    for u in &users {
+        check_id("user", u)?;
+    }
+    if b.title.len() > 1024 || b.kind.is_empty() || b.kind.len() > 128 {
+        return Err(bad("`type` must be 1..=128 bytes and `title` at most 1024"));
+    }
+    let expires_at: Option<Millis> = b.ttl_ms.map(|t| now_ms() + t as i64);
+    let spec = NotifySpec { kind: b.kind, title: b.title, body: b.body, data: b.data, priority: b.priority, category: b.category, room: b.room, expires_at };
+    let mut waits = Vec::with_capacity(users.len());
+    for u in &users {
+        let (replier, rx) = Replier::waiter();
+        state.services.tell_user(u, Notify { spec: spec.clone(), replier }).await.map_err(fail)?;
+        waits.push(rx);
+    }
+    let mut ids = Vec::with_capacity(waits.len());
+    for rx in waits {
+        let v = wait_value(rx).await?;
+        ids.push(v.get("id").cloned().unwrap_or(Value::Null));
+    }
+    Ok(HttpResponse::Ok().json(json!({"ids": ids})))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    before: Option<u64>,
+    limit: Option<usize>,
+    #[serde(default)]
+    unread_only: bool,
+}
+
+async fn list_notifications(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, q: web::Query<ListQuery>) -> ApiResult {
+    check_key(&req, &state)?;
+    let user = path.into_inner();
+    check_id("user", &user)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let now = now_ms();
+    let store = &state.services.store;
+    let mut items = store.list_notifications(&user, q.before, limit + 1, q.unread_only, now).await.map_err(|e| fail(e.into()))?;
+    let more = items.len() > limit;
+    items.truncate(limit);
+    let unread = store.unread_notifications(&user, now).await.map_err(|e| fail(e.into()))?;
+    Ok(HttpResponse::Ok().json(NotifPage { items, unread, more }))
+}
+
+async fn presence(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> ApiResult {
+    check_key(&req, &state)?;
+    let user = path.into_inner();
+    check_id("user", &user)?;
+    let p = match state.services.user_if_active(&user) {
+        Some(actor) => actor.ask(Query).await.ok(),
+        None => None,
+    };
+    let p = match p {
+        Some(p) => p,
+        None => {
+            let last_seen = state.services.store.last_seen(&user).await.map_err(|e| fail(e.into()))?;
+            Presence { user, status: Status::Offline, last_seen, activity: None, devices: 0 }
+        }
+    };
+    Ok(HttpResponse::Ok().json(p))
+}
+
+#[derive(Deserialize)]
+struct PublishBody {
+    data: Value,
+    #[serde(default)]
+    client_id: Option<String>,
+}
+
+fn publish_msg(data: Value, client_id: Option<String>, replier: Replier) -> room::Publish {
+    room::Publish {
+        sender: None,
+        as_client: false,
+        kind: EntryKind::Publish,
+        text: None,
+        attachments: None,
+        reply_to: None,
+        data: Some(data),
+        client_id,
+        replier,
+    }
+}
+
+async fn publish_topic(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<PublishBody>) -> ApiResult {
+    check_key(&req, &state)?;
+    let topic = path.into_inner();
+    check_id("topic", &topic)?;
+    let b = body.into_inner();
+    let (replier, rx) = Replier::waiter();
+    state.services.tell_room(&Channel::topic(&topic).key(), publish_msg(b.data, b.client_id, replier)).await.map_err(fail)?;
+    wait(rx).await
+}
+
+#[derive(Deserialize)]
+struct FeedsBody {
+    users: Vec<String>,
+    data: Value,
+}
+
+async fn publish_feeds(req: HttpRequest, state: web::Data<AppState>, body: web::Json<FeedsBody>) -> ApiResult {
+    check_key(&req, &state)?;
+    let b = body.into_inner();
+    if b.users.is_empty() || b.users.len() > MAX_RECIPIENTS {
+        return Err(bad(format!("`users` must name 1..={MAX_RECIPIENTS} users")));
+    }
+    for u in &b.users {
+        check_id("user", u)?;
+    }
+    let mut waits = Vec::with_capacity(b.users.len());
+    for u in &b.users {
+        let (replier, rx) = Replier::waiter();
+        state.services.tell_room(&Channel::feed(u).key(), publish_msg(b.data.clone(), None, replier)).await.map_err(fail)?;
+        waits.push(rx);
+    }
+    let mut published = Vec::with_capacity(waits.len());
+    for rx in waits {
+        published.push(wait_value(rx).await?);
+    }
+    Ok(HttpResponse::Ok().json(json!({"published": published})))
+}
