@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The full test run, as CI runs it: formatting, lints, and every test of the
+# workspace, with the ScyllaDB backend tested against a real CQL server
+# (Apache Cassandra 5, fetched and started by scripts/cassandra.sh).
+#
+#   bash scripts/test.sh
+#
+# With CHORUS_CQL already set (host:port of a running ScyllaDB/Cassandra),
+# that server is used and nothing is started. A plain `cargo test --workspace`
+# runs everything but the CQL tests, which then say how to run them.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== rustfmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+if [[ -z "${CHORUS_CQL:-}" ]]; then
+    echo "== starting Cassandra"
+    bash scripts/cassandra.sh start
+    trap 'bash scripts/cassandra.sh stop' EXIT
+    export CHORUS_CQL=127.0.0.1:9042
+fi
+# The CQL tests fail, instead of skipping, when the server is missing.
+export CHORUS_REQUIRE_CQL=1
+
+echo "== tests"
+cargo test --workspace
