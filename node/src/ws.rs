@@ -155,7 +155,12 @@ async fn read_loop(
                 sink.close(close::IDLE_TIMEOUT, "no frames received within the idle timeout");
                 break;
             }
-            Ok(None) | Ok(Some(Ok(AggregatedMessage::Close(_)))) => break,
+            Ok(None) => break,
+            Ok(Some(Ok(AggregatedMessage::Close(reason)))) => {
+                // Answer the client's close frame, as the protocol asks.
+                let _ = session.clone().close(reason).await;
+                break;
+            }
             Ok(Some(Ok(AggregatedMessage::Ping(p)))) => {
                 let _ = session.pong(&p).await;
                 continue;
