@@ -194,6 +194,40 @@ mod tests {
         assert_eq!(code("not-a-jwt"), ErrorCode::TokenMalformed);
     }
 
+    fn asymmetric(alg: &str, public: &str, private: &str, algorithm: Algorithm) {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let auth = AuthSection {
+            jwt_algorithms: vec![alg.to_string()],
+            jwt_public_key_file: Some(fixtures.join(public)),
+            ..AuthSection::default()
+        };
+        let v = JwtVerifier::from_config(&auth).unwrap();
+        let pem = std::fs::read(fixtures.join(private)).unwrap();
+        let key = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem).unwrap(),
+            _ => EncodingKey::from_ec_pem(&pem).unwrap(),
+        };
+        let now = chorus_protocol::now_ms() / 1000;
+        let t = jsonwebtoken::encode(&Header::new(algorithm), &serde_json::json!({"sub": "dave", "exp": now + 60}), &key).unwrap();
+        assert_eq!(v.verify(&t).unwrap().user, "dave");
+        // An HS256 token is refused by a node that accepts only the asymmetric algorithm.
+        let hs = mint_token(crate::config::DEV_SECRET, "dave", Duration::from_secs(60), None).unwrap();
+        assert_eq!(v.verify(&hs).unwrap_err().code, ErrorCode::TokenAlgorithm);
+        // A token signed by another key fails the signature check.
+        let forged = format!("{}.{}", t.rsplit_once('.').unwrap().0, "AAAA");
+        assert_eq!(v.verify(&forged).unwrap_err().code, ErrorCode::TokenBadSignature);
+    }
+
+    #[test]
+    fn rs256_with_a_public_key_file() {
+        asymmetric("RS256", "rs256.pub.pem", "rs256.key.pem", Algorithm::RS256);
+    }
+
+    #[test]
+    fn es256_with_a_public_key_file() {
+        asymmetric("ES256", "es256.pub.pem", "es256.pk8.pem", Algorithm::ES256);
+    }
+
     #[test]
     fn durations_and_keys() {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
