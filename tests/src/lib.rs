@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_node::{Config, NodeHandle};
-use chorus_protocol::{Encoding, ErrorBody, Push, RawRequest, ServerFrame, SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK};
+use chorus_protocol::{
+    Encoding, ErrorBody, Push, RawRequest, ServerFrame, SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -26,6 +28,64 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 pub const SECRET: &str = "test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key-0123";
+
+/// How often a test polls a query when there is no push to wait for.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Generates, for each `async fn name(enc: Encoding)` given, a module `name`
+/// with two tests, `json` and `msgpack`, that run it in each encoding.
+#[macro_export]
+macro_rules! both_encodings {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn json() {
+                super::$name(::chorus_protocol::Encoding::Json).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn msgpack() {
+                super::$name(::chorus_protocol::Encoding::MsgPack).await
+            }
+        }
+    )*};
+}
+
+/// The other encoding: tests mix both between the clients of one test.
+pub fn other(enc: Encoding) -> Encoding {
+    match enc {
+        Encoding::Json => Encoding::MsgPack,
+        Encoding::MsgPack => Encoding::Json,
+    }
+}
+
+/// Polls `f` every [`POLL`] until it returns `Some`, failing after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The value of one sample (`name` with its labels, as printed) in a Prometheus text page.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
 
 /// A config for tests: loopback port 0, fast timers, data under `dir`.
 pub fn test_config(dir: &Path) -> Config {
@@ -44,6 +104,22 @@ pub fn test_config(dir: &Path) -> Config {
     c
 }
 
+/// A fresh data directory. On a RAM-backed filesystem when there is one
+/// (`/dev/shm`): fsyncs there cost nothing, so nodes start and write fast,
+/// and what a test checks (acknowledged means stored, restart and
+/// `kill()` keep data) does not depend on the disk.
+pub fn test_dir() -> Arc<TempDir> {
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::Builder::new()
+            .prefix("chorus-test-")
+            .tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    };
+    Arc::new(dir.or_else(|_| tempfile::tempdir()).expect("tempdir"))
+}
+
 pub struct TestNode {
     handle: Option<NodeHandle>,
     pub addr: std::net::SocketAddr,
@@ -53,16 +129,23 @@ pub struct TestNode {
 
 impl TestNode {
     pub async fn start() -> TestNode {
-        Self::start_with(Arc::new(tempfile::tempdir().expect("tempdir")), |_| {}).await
+        Self::start_with(test_dir(), |_| {}).await
     }
 
     /// Starts a node on `dir` (reuse a dir to restart on the same data).
     pub async fn start_with(dir: Arc<TempDir>, tweak: impl FnOnce(&mut Config)) -> TestNode {
         let mut config = test_config(dir.path());
         tweak(&mut config);
-        let handle = chorus_node::start(config.clone()).await.expect("node starts");
+        let handle = chorus_node::start(config.clone())
+            .await
+            .expect("node starts");
         let addr = handle.http_addr();
-        TestNode { handle: Some(handle), addr, dir, config }
+        TestNode {
+            handle: Some(handle),
+            addr,
+            dir,
+            config,
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -78,7 +161,8 @@ impl TestNode {
     }
 
     pub fn token_with(&self, user: &str, ttl: Duration, claims: Option<Value>) -> String {
-        chorus_node::auth::mint_token(&self.config.auth.jwt_secret, user, ttl, claims).expect("token")
+        chorus_node::auth::mint_token(&self.config.auth.jwt_secret, user, ttl, claims)
+            .expect("token")
     }
 
     pub fn ws_url(&self) -> String {
@@ -86,7 +170,24 @@ impl TestNode {
     }
 
     pub async fn connect(&self, user: &str, encoding: Encoding) -> Client {
-        Client::connect(&self.ws_url(), &self.token(user), encoding).await.expect("connect")
+        Client::connect(&self.ws_url(), &self.token(user), encoding)
+            .await
+            .expect("connect")
+    }
+
+    /// Connects with a given token (claims, short lifetimes).
+    pub async fn connect_token(&self, token: &str, encoding: Encoding) -> Client {
+        Client::connect(&self.ws_url(), token, encoding)
+            .await
+            .expect("connect")
+    }
+
+    /// `GET /metrics` as text.
+    pub async fn metrics(&self) -> String {
+        match self.api("GET", "/metrics", None).await {
+            (200, Value::String(s)) => s,
+            other => panic!("/metrics: {other:?}"),
+        }
     }
 
     /// Calls the server API; returns the status and the JSON body.
@@ -101,7 +202,7 @@ impl TestNode {
         }
     }
 
-    /// Abrupt stop: no close frames, no flush.
+    /// Abrupt stop: no close frames, no flush. Returns the data directory, to restart on it.
     pub fn kill(mut self) -> Arc<TempDir> {
         if let Some(h) = self.handle.take() {
             h.abort();
@@ -110,7 +211,26 @@ impl TestNode {
     }
 }
 
-pub async fn api_call(addr: std::net::SocketAddr, method: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, Value) {
+impl Drop for TestNode {
+    /// A test that ends without `stop()` aborts its node (a graceful stop
+    /// waits for actix's one-second connection check; tests that check
+    /// shutdown call `stop()` themselves).
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                h.abort();
+            }
+        }
+    }
+}
+
+pub async fn api_call(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (u16, Value) {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}{path}");
     let mut req = match method {
@@ -125,10 +245,16 @@ pub async fn api_call(addr: std::net::SocketAddr, method: &str, path: &str, body
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let resp = tokio::time::timeout(WAIT, req.send()).await.expect("api timeout").expect("api call");
+    let resp = tokio::time::timeout(WAIT, req.send())
+        .await
+        .expect("api timeout")
+        .expect("api call");
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -154,25 +280,89 @@ pub struct Refused {
 impl Client {
     pub async fn connect(url: &str, token: &str, encoding: Encoding) -> Result<Client, Refused> {
         let mut req = url.into_client_request().expect("request");
-        req.headers_mut().insert("authorization", HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
         let proto = match encoding {
             Encoding::Json => SUBPROTOCOL_JSON,
             Encoding::MsgPack => SUBPROTOCOL_MSGPACK,
         };
-        req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static(proto));
+        req.headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static(proto));
         Self::connect_request(req, encoding).await
+    }
+
+    /// Connects over a socket whose receive buffer is `recv_buffer` bytes, so a
+    /// client that stops reading backs the server up quickly (slow-consumer tests).
+    pub async fn connect_small_buffer(
+        url: &str,
+        token: &str,
+        encoding: Encoding,
+        recv_buffer: u32,
+    ) -> Client {
+        let mut req = url.into_client_request().expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+        );
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+        let host = req.uri().authority().expect("authority").to_string();
+        let addr: std::net::SocketAddr = host.parse().expect("ip:port");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(recv_buffer).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        let (ws, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("handshake timeout")
+        .expect("handshake");
+        Client {
+            ws,
+            encoding,
+            next_id: 1,
+            pushes: VecDeque::new(),
+            replies: Vec::new(),
+            closed: None,
+        }
     }
 
     pub async fn connect_request(
         req: tokio_tungstenite::tungstenite::handshake::client::Request,
         encoding: Encoding,
     ) -> Result<Client, Refused> {
-        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req)).await.expect("handshake timeout") {
-            Ok((ws, _)) => Ok(Client { ws, encoding, next_id: 1, pushes: VecDeque::new(), replies: Vec::new(), closed: None }),
+        match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("handshake timeout")
+        {
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                encoding,
+                next_id: 1,
+                pushes: VecDeque::new(),
+                replies: Vec::new(),
+                closed: None,
+            }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).to_string()).unwrap_or_default();
-                let code = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["error"]["code"].as_u64()).map(|c| c as u16);
-                Err(Refused { status: resp.status().as_u16(), code, body })
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).to_string())
+                    .unwrap_or_default();
+                let code = serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["code"].as_u64())
+                    .map(|c| c as u16);
+                Err(Refused {
+                    status: resp.status().as_u16(),
+                    code,
+                    body,
+                })
             }
             Err(e) => panic!("connect failed: {e}"),
         }
@@ -182,7 +372,11 @@ impl Client {
     pub async fn send(&mut self, op: &str, args: Value) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        let req = RawRequest { id, op: op.to_string(), args };
+        let req = RawRequest {
+            id,
+            op: op.to_string(),
+            args,
+        };
         let bytes = self.encoding.encode(&req).expect("encode");
         self.send_bytes(bytes).await;
         id
@@ -235,7 +429,10 @@ impl Client {
                 };
             }
             if !self.read_one(deadline).await {
-                panic!("connection closed while waiting for reply {id}: {:?}", self.closed);
+                panic!(
+                    "connection closed while waiting for reply {id}: {:?}",
+                    self.closed
+                );
             }
         }
     }
@@ -252,7 +449,10 @@ impl Client {
             Message::Text(t) => serde_json::from_str(&t).expect("server sent bad JSON"),
             Message::Binary(b) => rmp_serde::from_slice(&b).expect("server sent bad MessagePack"),
             Message::Close(c) => {
-                self.closed = Some(c.map(|c| (u16::from(c.code), c.reason.to_string())).unwrap_or((1005, String::new())));
+                self.closed = Some(
+                    c.map(|c| (u16::from(c.code), c.reason.to_string()))
+                        .unwrap_or((1005, String::new())),
+                );
                 return false;
             }
             _ => return true,
@@ -272,14 +472,20 @@ impl Client {
                 return self.pushes.remove(pos).expect("present");
             }
             if !self.read_one(deadline).await {
-                panic!("connection closed while waiting for a push: {:?}", self.closed);
+                panic!(
+                    "connection closed while waiting for a push: {:?}",
+                    self.closed
+                );
             }
         }
     }
 
     /// The next push of `event` on `channel` (any channel when `None`).
     pub async fn push(&mut self, event: &str, channel: Option<&str>) -> Push {
-        self.push_where(|p| p.push == event && channel.is_none_or(|c| p.channel.as_deref() == Some(c))).await
+        self.push_where(|p| {
+            p.push == event && channel.is_none_or(|c| p.channel.as_deref() == Some(c))
+        })
+        .await
     }
 
     /// Every push buffered so far, without reading more.
@@ -292,6 +498,27 @@ impl Client {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.read_one(deadline).await {}
         self.closed.clone().expect("closed without a close frame")
+    }
+
+    /// The next `entry` push on `channel` whose entry kind is `kind` (`message`, `edit`, …).
+    pub async fn entry(&mut self, channel: &str, kind: &str) -> Push {
+        self.push_where(|p| {
+            p.push == "entry" && p.channel.as_deref() == Some(channel) && p.data["kind"] == kind
+        })
+        .await
+    }
+
+    /// Whether a push matching `pred` is buffered (without reading more).
+    pub fn has_buffered(&self, pred: impl Fn(&Push) -> bool) -> bool {
+        self.pushes.iter().any(pred)
+    }
+
+    /// Sends a request and waits for its error, panicking if it succeeds.
+    pub async fn err_body(&mut self, op: &str, args: Value) -> ErrorBody {
+        match self.request(op, args).await {
+            Ok(v) => panic!("{op} should fail, got {v}"),
+            Err(e) => e,
+        }
     }
 
     /// Round-trips a ping: proves the connection is still usable.
