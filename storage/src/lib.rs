@@ -51,7 +51,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Appends `entries`, whose offsets must be consecutive and follow the
     /// current head. All or nothing: if any offset is already taken the call
-    /// fails with [`ErrorKind::Conflict`] and writes nothing. Entries carrying a
+    /// fails with [`ErrorKind::Conflict`] and writes nothing; a channel that was
+    /// never created fails with [`ErrorKind::NotFound`]. Entries carrying a
     /// `client_id` also record it, so [`Store::find_client_id`] finds them.
     /// Durable (fsynced) on return.
     async fn append(&self, channel: &str, entries: &[Entry]) -> Result<()>;
@@ -68,7 +69,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replaces the stored entry at `entry.offset` (an edited or deleted
     /// message keeps its offset; the edit itself is appended as its own entry).
-    /// Fails with [`ErrorKind::NotFound`] if there is none.
+    /// Fails with [`ErrorKind::NotFound`] if there is none. The client-id index is left as it is.
     async fn update_entry(&self, channel: &str, entry: &Entry) -> Result<()>;
 
     /// The offset stored for a client-supplied message id, if any.
@@ -89,6 +90,7 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- read markers ----
 
+    /// Stores the marker as given (callers keep it moving forward).
     async fn set_read_marker(&self, channel: &str, user: &str, offset: u64) -> Result<()>;
     async fn read_marker(&self, channel: &str, user: &str) -> Result<Option<u64>>;
     async fn read_markers(&self, channel: &str) -> Result<Vec<(String, u64)>>;
@@ -106,7 +108,8 @@ pub trait Store: Send + Sync + 'static {
         unread_only: bool,
         now: Millis,
     ) -> Result<Vec<Notification>>;
-    /// Marks `ids` (or every notification when `None`) read; returns the ids that changed.
+    /// Marks `ids` (or every notification when `None`) read; returns the ids that
+    /// changed, in no particular order.
     async fn mark_notifications_read(
         &self,
         user: &str,
@@ -151,7 +154,14 @@ pub struct StorageConfig {
 /// Opens the configured backend.
 pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Store>> {
     match config.backend {
-        Backend::Embedded => Ok(Arc::new(embedded::EmbeddedStore::open(&config.embedded)?)),
+        Backend::Embedded => {
+            // Opening replays the journal: blocking work, kept off the async runtime.
+            let cfg = config.embedded.clone();
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&cfg))
+                .await
+                .map_err(|e| StorageError::internal(format!("opening the store: {e}")))??;
+            Ok(Arc::new(store))
+        }
         Backend::Scylla => Ok(Arc::new(scylla::ScyllaStore::connect(&config.scylla).await?)),
     }
 }
