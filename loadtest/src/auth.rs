@@ -42,9 +42,20 @@ struct Subject {
 
 /// Mints an HS256 token for `user`, valid for `ttl`.
 pub fn mint(secret: &str, user: &str, ttl: Duration) -> Result<String, TokenError> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let claims = Claims { sub: user.to_string(), iat: now, exp: now + ttl.as_secs().max(60) };
-    Ok(jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))?)
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let claims = Claims {
+        sub: user.to_string(),
+        iat: now,
+        exp: now + ttl.as_secs().max(60),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
 }
 
 /// Where identities come from.
@@ -60,10 +71,18 @@ impl Tokens {
         let text = std::fs::read_to_string(path)
             .map_err(|e| TokenError::Read(path.display().to_string(), e))?;
         let mut out = Vec::new();
-        for (i, line) in text.lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
+        for (i, line) in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .enumerate()
+        {
             let claims: Subject = jsonwebtoken::dangerous::insecure_decode_claims(line)
                 .map_err(|e| TokenError::NoSubject(i + 1, e.to_string()))?;
-            out.push(Identity { user: claims.sub, token: line.to_string() });
+            out.push(Identity {
+                user: claims.sub,
+                token: line.to_string(),
+            });
         }
         if out.is_empty() {
             return Err(TokenError::Empty);
@@ -75,9 +94,10 @@ impl Tokens {
     pub fn check_distinct(&self, needed: u64) -> Result<(), TokenError> {
         match self {
             Tokens::Minted { .. } => Ok(()),
-            Tokens::Given(list) if (list.len() as u64) < needed => {
-                Err(TokenError::TooFew { needed, have: list.len() })
-            }
+            Tokens::Given(list) if (list.len() as u64) < needed => Err(TokenError::TooFew {
+                needed,
+                have: list.len(),
+            }),
             Tokens::Given(_) => Ok(()),
         }
     }
@@ -85,12 +105,14 @@ impl Tokens {
     /// Identity number `index`, named `name` when minted.
     pub fn identity(&self, index: u64, name: &str) -> Result<Identity, TokenError> {
         match self {
-            Tokens::Minted { secret, ttl } => {
-                Ok(Identity { user: name.to_string(), token: mint(secret, name, *ttl)? })
-            }
-            Tokens::Given(list) => {
-                list.get((index % list.len() as u64) as usize).cloned().ok_or(TokenError::Empty)
-            }
+            Tokens::Minted { secret, ttl } => Ok(Identity {
+                user: name.to_string(),
+                token: mint(secret, name, *ttl)?,
+            }),
+            Tokens::Given(list) => list
+                .get((index % list.len() as u64) as usize)
+                .cloned()
+                .ok_or(TokenError::Empty),
         }
     }
 }
@@ -125,7 +147,10 @@ mod tests {
         assert_eq!(tokens.identity(0, "ignored").unwrap().user, "u1");
         assert_eq!(tokens.identity(3, "ignored").unwrap().user, "u2");
         assert!(tokens.check_distinct(2).is_ok());
-        assert!(matches!(tokens.check_distinct(3), Err(TokenError::TooFew { needed: 3, have: 2 })));
+        assert!(matches!(
+            tokens.check_distinct(3),
+            Err(TokenError::TooFew { needed: 3, have: 2 })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

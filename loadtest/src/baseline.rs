@@ -53,7 +53,10 @@ struct State {
 }
 
 /// Serves until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let state = Arc::new(State::default());
     tokio::pin!(shutdown);
     loop {
@@ -79,10 +82,11 @@ pub async fn baseline_main(listen: &str, max_seconds: u64) -> anyhow::Result<()>
     let listener = TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
     let stop = async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return tokio::time::sleep(Duration::from_secs(max_seconds)).await,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return tokio::time::sleep(Duration::from_secs(max_seconds)).await,
+            };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(max_seconds)) => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -96,15 +100,27 @@ async fn connection(state: Arc<State>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut encoding = Encoding::Json;
     let mut user = String::from("anonymous");
+    // The error type is tungstenite's Callback contract, not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        if let Some(p) = req.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()) {
+        if let Some(p) = req
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok())
+        {
             if let Some(enc) = p.split(',').find_map(Encoding::from_subprotocol) {
                 encoding = enc;
-                resp.headers_mut()
-                    .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(enc.subprotocol()));
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(enc.subprotocol()),
+                );
             }
         }
-        if let Some(token) = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))) {
+        if let Some(token) = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")))
+        {
             if let Ok(claims) = jsonwebtoken::dangerous::insecure_decode_claims::<Value>(token) {
                 if let Some(sub) = claims.get("sub").and_then(Value::as_str) {
                     user = sub.to_string();
@@ -114,7 +130,9 @@ async fn connection(state: Arc<State>, stream: TcpStream) {
         Ok(resp)
     };
     let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
-    let Ok(ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await else {
+    let Ok(ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
+    else {
         return;
     };
     let id = state.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -155,7 +173,9 @@ async fn connection(state: Arc<State>, stream: TcpStream) {
             Ok(req) => handle(&state, id, &user, encoding, &tx, &mut joined, req),
             Err(e) => Reply::err(0, ErrorCode::MalformedFrame, e.0),
         };
-        let Some(frame) = encode(encoding, &ServerFrame::Reply(reply)) else { break };
+        let Some(frame) = encode(encoding, &ServerFrame::Reply(reply)) else {
+            break;
+        };
         if tx.send(frame).await.is_err() {
             break;
         }
@@ -184,7 +204,10 @@ fn room_of(args: &Value) -> Option<String> {
     if let Some(r) = args.get("room").and_then(Value::as_str) {
         return Some(r.to_string());
     }
-    args.get("channel").and_then(Value::as_str).and_then(|c| c.strip_prefix("room:")).map(str::to_string)
+    args.get("channel")
+        .and_then(Value::as_str)
+        .and_then(|c| c.strip_prefix("room:"))
+        .map(str::to_string)
 }
 
 fn handle(
@@ -247,7 +270,11 @@ fn handle(
             };
             publish(state, user, send, id)
         }
-        other => Reply::err(id, ErrorCode::UnknownOp, format!("the baseline has no `{other}`")),
+        other => Reply::err(
+            id,
+            ErrorCode::UnknownOp,
+            format!("the baseline has no `{other}`"),
+        ),
     }
 }
 
@@ -259,7 +286,12 @@ fn publish(state: &State, user: &str, send: SendMessage, id: u64) -> Reply {
     room.head += 1;
     let offset = room.head;
     let channel = format!("room:{}", send.room);
-    let mut entry = Entry::new(offset, EntryKind::Message, offset, chorus_protocol::now_ms());
+    let mut entry = Entry::new(
+        offset,
+        EntryKind::Message,
+        offset,
+        chorus_protocol::now_ms(),
+    );
     entry.sender = Some(user.to_string());
     entry.text = Some(send.text);
     entry.attachments = send.attachments;
@@ -283,7 +315,9 @@ fn publish(state: &State, user: &str, send: SendMessage, id: u64) -> Reply {
         };
         let msg = slot
             .get_or_insert_with(|| match enc {
-                Encoding::Json => Utf8Bytes::try_from(shared.bytes(*enc)).ok().map(Message::Text),
+                Encoding::Json => Utf8Bytes::try_from(shared.bytes(*enc))
+                    .ok()
+                    .map(Message::Text),
                 Encoding::MsgPack => Some(Message::Binary(shared.bytes(*enc))),
             })
             .clone();
@@ -294,11 +328,19 @@ fn publish(state: &State, user: &str, send: SendMessage, id: u64) -> Reply {
     }
     for sub in slow {
         if let Some((_, tx)) = room.subscribers.remove(&sub) {
-            let frame = CloseFrame { code: CloseCode::from(close::SLOW_CONSUMER), reason: "slow consumer".into() };
+            let frame = CloseFrame {
+                code: CloseCode::from(close::SLOW_CONSUMER),
+                reason: "slow consumer".into(),
+            };
             // Its queue is full; the close goes when there is room, or never if it is gone.
             let _ = tx.try_send(Message::Close(Some(frame)));
         }
     }
-    let p = Published { channel, epoch: "baseline".into(), offset, duplicate: false };
+    let p = Published {
+        channel,
+        epoch: "baseline".into(),
+        offset,
+        duplicate: false,
+    };
     Reply::ok(id, serde_json::to_value(p).unwrap_or(Value::Null))
 }

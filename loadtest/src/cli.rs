@@ -123,13 +123,23 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value_t = Enc::Json)]
     pub encoding: Enc,
     /// HS256 key to mint user tokens with (the node's auth.jwt_secret).
-    #[arg(long, env = "CHORUS_AUTH_JWT_SECRET", default_value = "dev-secret-change-me", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CHORUS_AUTH_JWT_SECRET",
+        default_value = "dev-secret-change-me",
+        hide_env_values = true
+    )]
     pub jwt_secret: String,
     /// Use these tokens (one per line) instead of minting; the user is each token's `sub`.
     #[arg(long)]
     pub tokens_file: Option<PathBuf>,
     /// Server API key (the node's auth.api_key), for the notify scenario.
-    #[arg(long, env = "CHORUS_AUTH_API_KEY", default_value = "dev-api-key", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CHORUS_AUTH_API_KEY",
+        default_value = "dev-api-key",
+        hide_env_values = true
+    )]
     pub api_key: String,
     /// How many source addresses to spread connections over (0: one per 16,000
     /// connections, at least 4). Each source has its own ephemeral port range.
@@ -182,6 +192,10 @@ pub struct CommonArgs {
     /// target it, sample it, and stop it after the run.
     #[arg(long, conflicts_with = "spawn_baseline")]
     pub spawn_node: Option<PathBuf>,
+    /// With --spawn-node: the node's config file (`chorus start --config`),
+    /// e.g. to raise `limits.rate_per_sec` for a benchmark.
+    #[arg(long, requires = "spawn_node")]
+    pub node_config: Option<PathBuf>,
     /// Run against a baseline server this harness starts (see `baseline`) instead of a node.
     #[arg(long)]
     pub spawn_baseline: bool,

@@ -139,7 +139,12 @@ enum Pending {
     /// Someone awaits the reply.
     Wait(oneshot::Sender<Result<Value, ErrorBody>>),
     /// Nobody awaits it; the reader records the round trip.
-    Timed { op: &'static str, at: Instant, lat: Lat, ok: Counter },
+    Timed {
+        op: &'static str,
+        at: Instant,
+        lat: Lat,
+        ok: Counter,
+    },
 }
 
 /// How a connection ended.
@@ -240,9 +245,10 @@ async fn handshake(
     let mut request = format!("ws://{target}/ws?token={token}")
         .into_client_request()
         .map_err(|e| ConnectError::Handshake(e.to_string()))?;
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(cfg.encoding.subprotocol()));
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(cfg.encoding.subprotocol()),
+    );
     let config = WebSocketConfig::default().read_buffer_size(cfg.read_buffer);
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
         Ok((ws, _response)) => Ok(ws),
@@ -369,7 +375,12 @@ impl Conn {
         self.stats.error(cause);
     }
 
-    async fn send_frame<A: Serialize>(&self, id: u64, op: &str, args: &A) -> Result<(), RequestError> {
+    async fn send_frame<A: Serialize>(
+        &self,
+        id: u64,
+        op: &str,
+        args: &A,
+    ) -> Result<(), RequestError> {
         let bytes = self
             .encoding
             .encode(&Outgoing { id, op, args })
@@ -381,7 +392,9 @@ impl Conn {
             Encoding::MsgPack => Message::Binary(bytes.into()),
         };
         let mut sink = self.sink.lock().await;
-        sink.send(msg).await.map_err(|e| RequestError::Send(e.to_string()))
+        sink.send(msg)
+            .await
+            .map_err(|e| RequestError::Send(e.to_string()))
     }
 
     /// Sends a request and waits for its reply; errors are also counted.
@@ -398,7 +411,11 @@ impl Conn {
         result
     }
 
-    async fn request_inner<A: Serialize>(&self, op: &'static str, args: &A) -> Result<Value, RequestError> {
+    async fn request_inner<A: Serialize>(
+        &self,
+        op: &'static str,
+        args: &A,
+    ) -> Result<Value, RequestError> {
         if !self.is_up() {
             return Err(RequestError::Closed);
         }
@@ -449,7 +466,15 @@ impl Conn {
             return Err(RequestError::Closed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.pending.lock().insert(id, Pending::Timed { op, at: Instant::now(), lat, ok });
+        self.pending.lock().insert(
+            id,
+            Pending::Timed {
+                op,
+                at: Instant::now(),
+                lat,
+                ok,
+            },
+        );
         self.stats.incr(Counter::Requests);
         let sent = self.send_frame(id, op, args).await;
         if let Err(e) = &sent {
@@ -483,15 +508,24 @@ impl Conn {
             return;
         }
         if self.is_up() {
-            let frame = CloseFrame { code: CloseCode::Normal, reason: Utf8Bytes::from_static("") };
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: Utf8Bytes::from_static(""),
+            };
             let mut sink = self.sink.lock().await;
             // A failure means the connection is already gone; the reader tells that.
-            let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(Message::Close(Some(frame))))
-                .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                sink.send(Message::Close(Some(frame))),
+            )
+            .await;
         }
         let reader = self.reader.lock().take();
         if let Some(mut reader) = reader {
-            if tokio::time::timeout(Duration::from_secs(5), &mut reader).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), &mut reader)
+                .await
+                .is_err()
+            {
                 reader.abort();
                 self.ended(End::Abandoned);
             }

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context as _};
 
 use crate::auth::Tokens;
 use crate::cli::RunSpec;
-use crate::report::{baseline_ratios, ClientCpu, Report, ServerSample, REPORT_FORMAT};
+use crate::report::{baseline_ratios, ClientCpu, Phases, Report, ServerSample, REPORT_FORMAT};
 use crate::scenarios::{self, Window};
 use crate::spawn::Spawned;
 use crate::stats::{Counter, Merged};
@@ -51,9 +51,12 @@ pub async fn run(spec: RunSpec, opts: &RunOptions) -> anyhow::Result<Report> {
     let run_id = new_run_id();
     let mut main_spec = spec.clone();
     let spawned = if let Some(bin) = &spec.common.spawn_node {
-        Some(Spawned::node(bin, &spec.common.jwt_secret, &spec.common.api_key, &run_id).await?)
+        Some(Spawned::node(bin, spec.common.node_config.as_deref(), &spec.common.jwt_secret, &spec.common.api_key, &run_id).await?)
     } else if spec.common.spawn_baseline {
-        ensure!(spec.scenario.supports_baseline(), "the baseline server runs connect, idle and fanout only");
+        ensure!(
+            spec.scenario.supports_baseline(),
+            "the baseline server runs connect, idle and fanout only"
+        );
         Some(Spawned::baseline(&opts.exe()?).await?)
     } else {
         None
@@ -74,7 +77,10 @@ pub async fn run(spec: RunSpec, opts: &RunOptions) -> anyhow::Result<Report> {
         base_spec.common.targets = vec![base_server.addr.to_string()];
         base_spec.common.server_pid = Some(base_server.pid);
         if opts.progress {
-            eprintln!("now the same run against the baseline server (pid {})", base_server.pid);
+            eprintln!(
+                "now the same run against the baseline server (pid {})",
+                base_server.pid
+            );
         }
         let base = run_once(&base_spec, &new_run_id(), opts).await;
         base_server.stop().await;
@@ -88,7 +94,11 @@ pub async fn run(spec: RunSpec, opts: &RunOptions) -> anyhow::Result<Report> {
 
 fn new_run_id() -> String {
     // Distinct across runs and processes, short enough for ids (<= 128 bytes with suffixes).
-    format!("lt{:x}{:03x}", sys::now_ns() / 1_000_000, std::process::id() & 0xfff)
+    format!(
+        "lt{:x}{:03x}",
+        sys::now_ns() / 1_000_000,
+        std::process::id() & 0xfff
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,13 +148,23 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
              raise --workers or lower --conns-per-worker"
         ));
     }
-    let n_sources = if c.sources == 0 { auto_sources(conns) } else { c.sources };
-    let base: Ipv4Addr = c.source_base.parse().with_context(|| format!("--source-base {}", c.source_base))?;
+    let n_sources = if c.sources == 0 {
+        auto_sources(conns)
+    } else {
+        c.sources
+    };
+    let base: Ipv4Addr = c
+        .source_base
+        .parse()
+        .with_context(|| format!("--source-base {}", c.source_base))?;
     let sources = source_addrs(base, n_sources)?;
     let placement = Placement::new(&c.targets, sources.clone())?;
     let tokens = match &c.tokens_file {
         Some(p) => Tokens::from_file(p)?,
-        None => Tokens::Minted { secret: c.jwt_secret.clone(), ttl: Duration::from_secs(3600) },
+        None => Tokens::Minted {
+            secret: c.jwt_secret.clone(),
+            ttl: Duration::from_secs(3600),
+        },
     };
     tokens.check_distinct(spec.scenario.distinct_users())?;
     let client = client_config(spec);
@@ -161,16 +181,21 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
             sources: sources.clone(),
         })
         .collect();
-    let mode = if workers == 1 { WorkerMode::InProcess } else { WorkerMode::Processes(opts.exe()?) };
+    let mode = if workers == 1 {
+        WorkerMode::InProcess
+    } else {
+        WorkerMode::Processes(opts.exe()?)
+    };
     let hard_end = t0 + Duration::from_secs_f64(c.max_seconds);
     let mut fleet = Fleet::start(plans, &mode).await?;
     let mut progress = Progress::new(spec, workers, opts.progress && c.progress_secs > 0.0);
-    let mut phase_secs = BTreeMap::new();
+    let mut phase_secs = Phases::default();
 
     let outcome = async {
-        let setup_end = hard_end.min(Instant::now() + Duration::from_secs_f64(c.setup_timeout_secs));
+        let setup_end =
+            hard_end.min(Instant::now() + Duration::from_secs_f64(c.setup_timeout_secs));
         let ready = wait_phase(&mut fleet, Phase::Setup, setup_end, &mut progress).await?;
-        phase_secs.insert("setup".to_string(), t0.elapsed().as_secs_f64());
+        phase_secs.setup = t0.elapsed().as_secs_f64();
         let open_ready = open_of(&progress.sum());
         if let Some(p) = &mut probe {
             p.ready(open_ready);
@@ -181,14 +206,22 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
         let run_end = hard_end.min(go_at + spec.scenario.run_bound(c));
         let ran = wait_phase(&mut fleet, Phase::Run, run_end, &mut progress).await?;
         let run_secs = go_at.elapsed().as_secs_f64();
-        phase_secs.insert("run".to_string(), run_secs);
+        phase_secs.run = run_secs;
         if let Some(p) = &mut probe {
             p.end(open_of(&progress.sum()), run_secs);
         }
         let mut heads = Heads::new();
         let mut client_run_cpu = CpuTimes::default();
         for (r, d) in ready.iter().zip(&ran) {
-            if let (FromWorker::Ready { cpu: before, .. }, FromWorker::Ran { heads: h, cpu: after, .. }) = (r, d) {
+            if let (
+                FromWorker::Ready { cpu: before, .. },
+                FromWorker::Ran {
+                    heads: h,
+                    cpu: after,
+                    ..
+                },
+            ) = (r, d)
+            {
                 client_run_cpu = client_run_cpu.plus(after.minus(*before));
                 for (ch, off) in h {
                     let e = heads.entry(ch.clone()).or_default();
@@ -201,7 +234,7 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
         // Draining, then closing every connection.
         let drain_end = hard_end.min(drain_at + Duration::from_secs_f64(c.drain_secs + 120.0));
         let done = wait_phase(&mut fleet, Phase::Drain, drain_end, &mut progress).await?;
-        phase_secs.insert("drain".to_string(), drain_at.elapsed().as_secs_f64());
+        phase_secs.drain = drain_at.elapsed().as_secs_f64();
         anyhow::Ok((done, go_ns, run_secs, client_run_cpu))
     }
     .await;
@@ -234,7 +267,10 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
     } else {
         0.0
     };
-    let window = Window { run_secs, to_last_event_secs };
+    let window = Window {
+        run_secs,
+        to_last_event_secs,
+    };
 
     let mut report = Report {
         format: REPORT_FORMAT,
@@ -263,12 +299,23 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
     report.client_cpu = ClientCpu {
         user_s: merged.cpu.user_s,
         sys_s: merged.cpu.sys_s,
-        cores_used: if wall_secs > 0.0 { merged.cpu.total() / wall_secs } else { 0.0 },
+        cores_used: if wall_secs > 0.0 {
+            merged.cpu.total() / wall_secs
+        } else {
+            0.0
+        },
         cores,
         processes: merged.process_cpu.len(),
     };
     report.server = probe.map(|p| p.sample);
-    warnings.extend(bottleneck_warnings(&merged, &report, client_run_cpu, run_secs, cores, wall_secs));
+    warnings.extend(bottleneck_warnings(
+        &merged,
+        &report,
+        client_run_cpu,
+        run_secs,
+        cores,
+        wall_secs,
+    ));
     report.warnings = warnings;
     Ok(report)
 }
@@ -288,7 +335,11 @@ fn bottleneck_warnings(
     wall_secs: f64,
 ) -> Vec<String> {
     let mut w = Vec::new();
-    let client_run_cores = if run_secs > 0.0 { client_run_cpu.total() / run_secs } else { 0.0 };
+    let client_run_cores = if run_secs > 0.0 {
+        client_run_cpu.total() / run_secs
+    } else {
+        0.0
+    };
     if run_secs >= 0.5 && client_run_cores >= 0.5 * cores as f64 {
         w.push(format!(
             "during the load the harness used {client_run_cores:.2} of this machine's {cores} cores, \
@@ -307,7 +358,10 @@ fn bottleneck_warnings(
     for (i, p) in merged.process_cpu.iter().enumerate() {
         // A process whose every runtime thread was busy the whole time could not keep up.
         if wall_secs >= 1.0 && p.total() / wall_secs >= 0.9 * cores as f64 {
-            w.push(format!("harness process {i} was CPU-saturated ({:.2} cores)", p.total() / wall_secs));
+            w.push(format!(
+                "harness process {i} was CPU-saturated ({:.2} cores)",
+                p.total() / wall_secs
+            ));
         }
     }
     let late = merged.count(Counter::LateSends);
@@ -383,7 +437,10 @@ impl Probe {
             rss_before_kib: sys::rss_kib(pid).unwrap_or(0),
             ..Default::default()
         };
-        Probe { sample, cpu_ready: None }
+        Probe {
+            sample,
+            cpu_ready: None,
+        }
     }
 
     fn ready(&mut self, open: u64) {
@@ -397,7 +454,11 @@ impl Probe {
         self.sample.open_end = open;
         if let (Some(a), Some(b)) = (self.cpu_ready, sys::process_cpu(self.sample.pid)) {
             self.sample.cpu_run_s = b.minus(a).total();
-            self.sample.cores_used_run = if run_secs > 0.0 { self.sample.cpu_run_s / run_secs } else { 0.0 };
+            self.sample.cores_used_run = if run_secs > 0.0 {
+                self.sample.cpu_run_s / run_secs
+            } else {
+                0.0
+            };
         }
         self.sample.compute_per_connection();
     }
@@ -420,7 +481,11 @@ impl Progress {
         Progress {
             enabled,
             tty: std::io::stderr().is_terminal(),
-            every: Duration::from_secs_f64(spec.common.progress_secs.max(0.05)),
+            every: if enabled {
+                Duration::from_secs_f64(spec.common.progress_secs.max(0.05))
+            } else {
+                Duration::from_secs(3600)
+            },
             scenario: spec.scenario.name(),
             fields: spec.scenario.progress_counters(),
             latest: vec![BTreeMap::new(); workers],

@@ -43,11 +43,20 @@ pub struct ApiClient {
 
 impl ApiClient {
     pub fn new(addr: SocketAddr, api_key: &str, timeout: Duration) -> ApiClient {
-        ApiClient { addr, api_key: api_key.to_string(), timeout, conn: None }
+        ApiClient {
+            addr,
+            api_key: api_key.to_string(),
+            timeout,
+            conn: None,
+        }
     }
 
     /// POSTs `body` as JSON to `path`; returns the response body of a 2xx.
-    pub async fn post_json(&mut self, path: &str, body: &serde_json::Value) -> Result<Vec<u8>, HttpError> {
+    pub async fn post_json(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Vec<u8>, HttpError> {
         let body = serde_json::to_vec(body).map_err(|e| HttpError::Malformed(e.to_string()))?;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nx-api-key: {}\r\nContent-Type: application/json\r\n\
@@ -93,7 +102,10 @@ impl ApiClient {
         if !(200..300).contains(&resp.status) {
             return Err(HttpError::Status {
                 status: resp.status,
-                body: String::from_utf8_lossy(&resp.body).chars().take(200).collect(),
+                body: String::from_utf8_lossy(&resp.body)
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
         Ok(resp.body)
@@ -107,7 +119,9 @@ struct Response {
 }
 
 /// Reads one response; returns it and whether the connection may be reused.
-async fn read_response<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Result<(Response, bool), HttpError> {
+async fn read_response<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Response, bool), HttpError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         match parse_response(&buf)? {
@@ -146,17 +160,32 @@ struct Head {
 fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    let len = match resp.parse(buf).map_err(|e| HttpError::Malformed(e.to_string()))? {
+    let len = match resp
+        .parse(buf)
+        .map_err(|e| HttpError::Malformed(e.to_string()))?
+    {
         httparse::Status::Complete(n) => n,
         httparse::Status::Partial => return Ok(None),
     };
-    let status = resp.code.ok_or_else(|| HttpError::Malformed("no status".into()))?;
-    let mut head = Head { status, len, content_length: None, chunked: false, close: false };
+    let status = resp
+        .code
+        .ok_or_else(|| HttpError::Malformed("no status".into()))?;
+    let mut head = Head {
+        status,
+        len,
+        content_length: None,
+        chunked: false,
+        close: false,
+    };
     for h in resp.headers.iter() {
         let value = String::from_utf8_lossy(h.value).to_ascii_lowercase();
         if h.name.eq_ignore_ascii_case("content-length") {
-            head.content_length =
-                Some(value.trim().parse().map_err(|_| HttpError::Malformed("content-length".into()))?);
+            head.content_length = Some(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| HttpError::Malformed("content-length".into()))?,
+            );
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             head.chunked = value.contains("chunked");
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -167,11 +196,19 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
 }
 
 fn parse_response(buf: &[u8]) -> Result<Parsed, HttpError> {
-    let Some(head) = parse_head(buf)? else { return Ok(Parsed::NeedMore) };
+    let Some(head) = parse_head(buf)? else {
+        return Ok(Parsed::NeedMore);
+    };
     let rest = &buf[head.len..];
     if head.chunked {
         return Ok(match dechunk(rest)? {
-            Some(body) => Parsed::Complete(Response { status: head.status, body }, !head.close),
+            Some(body) => Parsed::Complete(
+                Response {
+                    status: head.status,
+                    body,
+                },
+                !head.close,
+            ),
             None => Parsed::NeedMore,
         });
     }
@@ -182,7 +219,10 @@ fn parse_response(buf: &[u8]) -> Result<Parsed, HttpError> {
     };
     match len {
         Some(n) if rest.len() >= n => Ok(Parsed::Complete(
-            Response { status: head.status, body: rest[..n].to_vec() },
+            Response {
+                status: head.status,
+                body: rest[..n].to_vec(),
+            },
             !head.close,
         )),
         _ => Ok(Parsed::NeedMore),
@@ -190,14 +230,19 @@ fn parse_response(buf: &[u8]) -> Result<Parsed, HttpError> {
 }
 
 fn parse_until_eof(buf: &[u8]) -> Result<Option<Response>, HttpError> {
-    Ok(parse_head(buf)?.map(|head| Response { status: head.status, body: buf[head.len..].to_vec() }))
+    Ok(parse_head(buf)?.map(|head| Response {
+        status: head.status,
+        body: buf[head.len..].to_vec(),
+    }))
 }
 
 /// Decodes a chunked body; `None` while incomplete.
 fn dechunk(mut rest: &[u8]) -> Result<Option<Vec<u8>>, HttpError> {
     let mut body = Vec::new();
     loop {
-        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+        let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
         let size_text = std::str::from_utf8(&rest[..line_end])
             .map_err(|_| HttpError::Malformed("chunk size".into()))?;
         let size_text = size_text.split(';').next().unwrap_or("").trim();
@@ -230,13 +275,26 @@ mod tests {
     #[test]
     fn content_length_and_chunked_bodies() {
         let (r, keep) = complete(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ids\":[1]}");
-        assert_eq!((r.status, r.body.as_slice(), keep), (200, &b"{\"ids\":[1]}"[..], true));
-        let raw = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+        assert_eq!(
+            (r.status, r.body.as_slice(), keep),
+            (200, &b"{\"ids\":[1]}"[..], true)
+        );
+        let raw =
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
                     4\r\n{\"id\r\n6\r\ns\":[]}\r\n0\r\n\r\n";
         let (r, keep) = complete(raw);
-        assert_eq!((r.status, r.body.as_slice(), keep), (201, &b"{\"ids\":[]}"[..], false));
-        assert!(matches!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab"), Ok(Parsed::NeedMore)));
-        assert!(matches!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab"), Ok(Parsed::NeedMore)));
+        assert_eq!(
+            (r.status, r.body.as_slice(), keep),
+            (201, &b"{\"ids\":[]}"[..], false)
+        );
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab"),
+            Ok(Parsed::NeedMore)
+        ));
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab"),
+            Ok(Parsed::NeedMore)
+        ));
         assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }
 
@@ -268,17 +326,24 @@ mod tests {
                         }
                     }
                 }
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
             }
             seen
         });
         let mut c = ApiClient::new(addr, "k1", Duration::from_secs(5));
         for _ in 0..2 {
-            let body = c.post_json("/api/v1/x", &serde_json::json!({"a": 1})).await.unwrap();
+            let body = c
+                .post_json("/api/v1/x", &serde_json::json!({"a": 1}))
+                .await
+                .unwrap();
             assert_eq!(body, b"ok");
         }
         let seen = server.await.unwrap();
         assert_eq!(seen.len(), 2, "both requests on one connection");
-        assert!(seen[0].starts_with("post /api/v1/x http/1.1") && seen[0].contains("x-api-key: k1"));
+        assert!(
+            seen[0].starts_with("post /api/v1/x http/1.1") && seen[0].contains("x-api-key: k1")
+        );
     }
 }

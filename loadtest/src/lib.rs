@@ -78,12 +78,16 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<i32> {
             let read = |p: &std::path::Path| -> anyhow::Result<Report> {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
-                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not a report: {e}", p.display()))
+                serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{} is not a report: {e}", p.display()))
             };
             print!("{}", report::render_comparison(&read(&a)?, &read(&b)?));
             return Ok(0);
         }
-        Command::Baseline { listen, max_seconds } => {
+        Command::Baseline {
+            listen,
+            max_seconds,
+        } => {
             baseline::baseline_main(&listen, max_seconds).await?;
             return Ok(0);
         }
@@ -91,19 +95,45 @@ pub async fn run_cli(cli: Cli) -> anyhow::Result<i32> {
             workers::worker_main().await?;
             return Ok(0);
         }
-        Command::Connect { common, args } => RunSpec { common, scenario: Scenario::Connect(args) },
-        Command::Idle { common, args } => RunSpec { common, scenario: Scenario::Idle(args) },
-        Command::Fanout { common, args } => RunSpec { common, scenario: Scenario::Fanout(args) },
-        Command::Chat { common, args } => RunSpec { common, scenario: Scenario::Chat(args) },
-        Command::Presence { common, args } => RunSpec { common, scenario: Scenario::Presence(args) },
-        Command::Notify { common, args } => RunSpec { common, scenario: Scenario::Notify(args) },
+        Command::Connect { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Connect(args),
+        },
+        Command::Idle { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Idle(args),
+        },
+        Command::Fanout { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Fanout(args),
+        },
+        Command::Chat { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Chat(args),
+        },
+        Command::Presence { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Presence(args),
+        },
+        Command::Notify { common, args } => RunSpec {
+            common,
+            scenario: Scenario::Notify(args),
+        },
     };
     let out = spec.common.out.clone();
-    let report = run(spec, &RunOptions { exe: None, progress: true }).await?;
+    let report = run(
+        spec,
+        &RunOptions {
+            exe: None,
+            progress: true,
+        },
+    )
+    .await?;
     print!("{}", report.summary());
     if let Some(path) = out {
         let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(&path, text).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        std::fs::write(&path, text)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
         println!("report written to {}", path.display());
     }
     Ok(0)

@@ -77,9 +77,20 @@ impl ServerSample {
         } else {
             (self.rss_ready_kib, self.open_ready)
         };
-        self.rss_per_connection_bytes = (open > 0)
-            .then(|| (rss as f64 - self.rss_before_kib as f64) * 1024.0 / open as f64);
+        self.rss_per_connection_bytes =
+            (open > 0).then(|| (rss as f64 - self.rss_before_kib as f64) * 1024.0 / open as f64);
     }
+}
+
+/// Seconds spent in each phase.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Connecting, joining, subscribing.
+    pub setup: f64,
+    /// The load.
+    pub run: f64,
+    /// Waiting for the last deliveries, then closing.
+    pub drain: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -96,8 +107,7 @@ pub struct Report {
     pub sources: Vec<String>,
     pub workers: usize,
     pub wall_secs: f64,
-    /// Seconds spent in each phase: setup, run, drain.
-    pub phase_secs: BTreeMap<String, f64>,
+    pub phase_secs: Phases,
     pub counts: BTreeMap<String, u64>,
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub throughput_per_sec: BTreeMap<String, f64>,
@@ -135,8 +145,13 @@ impl Report {
             out.insert(format!("counts.{k}"), *v as f64);
         }
         for (k, p) in &self.latency_ms {
-            for (name, v) in [("p50", p.p50), ("p90", p.p90), ("p99", p.p99), ("p99_9", p.p99_9), ("max", p.max)]
-            {
+            for (name, v) in [
+                ("p50", p.p50),
+                ("p90", p.p90),
+                ("p99", p.p99),
+                ("p99_9", p.p99_9),
+                ("max", p.max),
+            ] {
                 out.insert(format!("latency_ms.{k}.{name}"), v);
             }
         }
@@ -144,7 +159,10 @@ impl Report {
             out.insert(format!("throughput_per_sec.{k}"), *v);
         }
         out.insert("client_cpu.cores_used".into(), self.client_cpu.cores_used);
-        out.insert("client_cpu.total_s".into(), self.client_cpu.user_s + self.client_cpu.sys_s);
+        out.insert(
+            "client_cpu.total_s".into(),
+            self.client_cpu.user_s + self.client_cpu.sys_s,
+        );
         if let Some(s) = &self.server {
             if let Some(b) = s.rss_per_connection_bytes {
                 out.insert("server.rss_per_connection_bytes".into(), b);
@@ -172,8 +190,12 @@ impl Report {
         if let Some(l) = &self.label {
             let _ = writeln!(s, "  label: {l}");
         }
-        let phases: Vec<String> = self.phase_secs.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect();
-        let _ = writeln!(s, "  phases: {}", phases.join(", "));
+        let p = &self.phase_secs;
+        let _ = writeln!(
+            s,
+            "  phases: setup {:.1} s, run {:.1} s, drain {:.1} s",
+            p.setup, p.run, p.drain
+        );
         let _ = writeln!(s, "  counts:");
         for (k, v) in &self.counts {
             let _ = writeln!(s, "    {k:<28} {v}");
@@ -280,7 +302,8 @@ pub fn param_differences(a: &Report, b: &Report) -> Vec<String> {
     keys.into_iter()
         .filter(|k| fa.get(*k) != fb.get(*k))
         .map(|k| {
-            let show = |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or_else(|| "-".into());
+            let show =
+                |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or_else(|| "-".into());
             format!("{k}: {} vs {}", show(&fa), show(&fb))
         })
         .collect()
@@ -290,7 +313,11 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&p, v, out);
             }
         }
@@ -303,10 +330,25 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
 /// The `compare` output.
 pub fn render_comparison(a: &Report, b: &Report) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "A: {} rev {} ({})", a.scenario, a.git_revision, a.label.as_deref().unwrap_or("-"));
-    let _ = writeln!(s, "B: {} rev {} ({})", b.scenario, b.git_revision, b.label.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        s,
+        "A: {} rev {} ({})",
+        a.scenario,
+        a.git_revision,
+        a.label.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        s,
+        "B: {} rev {} ({})",
+        b.scenario,
+        b.git_revision,
+        b.label.as_deref().unwrap_or("-")
+    );
     if a.scenario != b.scenario {
-        let _ = writeln!(s, "WARNING: different scenarios; only shared figures are compared");
+        let _ = writeln!(
+            s,
+            "WARNING: different scenarios; only shared figures are compared"
+        );
     }
     let diffs = param_differences(a, b);
     if !diffs.is_empty() {
@@ -317,8 +359,15 @@ pub fn render_comparison(a: &Report, b: &Report) -> String {
     }
     let _ = writeln!(s, "{:<52} {:>14} {:>14} {:>9}", "figure", "A", "B", "B/A");
     for r in compare(a, b) {
-        let ratio = r.ratio.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
-        let _ = writeln!(s, "{:<52} {:>14.3} {:>14.3} {:>9}", r.figure, r.a, r.b, ratio);
+        let ratio = r
+            .ratio
+            .map(|x| format!("{x:.3}"))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "{:<52} {:>14.3} {:>14.3} {:>9}",
+            r.figure, r.a, r.b, ratio
+        );
     }
     s
 }
@@ -343,11 +392,23 @@ mod tests {
     use super::*;
 
     fn report(delivered: u64, p99: f64, rate: f64) -> Report {
-        let mut r = Report { format: REPORT_FORMAT, scenario: "fanout".into(), ..Default::default() };
+        let mut r = Report {
+            format: REPORT_FORMAT,
+            scenario: "fanout".into(),
+            ..Default::default()
+        };
         r.counts.insert("deliveries".into(), delivered);
         r.counts.insert("lost".into(), 0);
-        r.latency_ms.insert("publish_to_delivery".into(), Percentiles { count: 10, p99, ..Default::default() });
-        r.throughput_per_sec.insert("deliveries_per_sec".into(), rate);
+        r.latency_ms.insert(
+            "publish_to_delivery".into(),
+            Percentiles {
+                count: 10,
+                p99,
+                ..Default::default()
+            },
+        );
+        r.throughput_per_sec
+            .insert("deliveries_per_sec".into(), rate);
         r.params = serde_json::json!({"scenario": {"subscribers": 10, "rooms": 1}});
         r
     }
@@ -362,12 +423,21 @@ mod tests {
         let get = |k: &str| rows.iter().find(|r| r.figure == k).cloned().unwrap();
         assert_eq!(get("counts.deliveries").ratio, Some(2.0));
         assert_eq!(get("latency_ms.publish_to_delivery.p99").ratio, Some(0.5));
-        assert_eq!(get("throughput_per_sec.deliveries_per_sec").ratio, Some(2.5));
+        assert_eq!(
+            get("throughput_per_sec.deliveries_per_sec").ratio,
+            Some(2.5)
+        );
         assert_eq!(get("counts.lost").ratio, None, "0 in A has no ratio");
         assert!(rows.iter().all(|r| r.figure != "counts.only_in_b"));
-        assert_eq!(param_differences(&a, &b), vec!["scenario.subscribers: 10 vs 20".to_string()]);
+        assert_eq!(
+            param_differences(&a, &b),
+            vec!["scenario.subscribers: 10 vs 20".to_string()]
+        );
         let text = render_comparison(&a, &b);
-        assert!(text.contains("throughput_per_sec.deliveries_per_sec"), "{text}");
+        assert!(
+            text.contains("throughput_per_sec.deliveries_per_sec"),
+            "{text}"
+        );
         assert!(text.contains("2.500"), "{text}");
     }
 

@@ -24,12 +24,22 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    /// `chorus start --listen 127.0.0.1:0 --data-dir <fresh dir>`, with the harness's key and API key.
-    pub async fn node(bin: &Path, jwt_secret: &str, api_key: &str, run_id: &str) -> anyhow::Result<Spawned> {
+    /// `chorus start [--config FILE] --listen 127.0.0.1:0 --data-dir <fresh dir>`, with the
+    /// harness's key and API key in the environment.
+    pub async fn node(
+        bin: &Path,
+        jwt_secret: &str,
+        api_key: &str,
+        run_id: &str,
+    ) -> anyhow::Result<Spawned> {
         let dir = std::env::temp_dir().join(format!("chorus-loadtest-{run_id}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("start")
+        cmd.arg("start");
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
@@ -74,7 +84,13 @@ impl Spawned {
         };
         // Keep reading stdout so the server never blocks on a full pipe.
         let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Spawned { addr, pid, child, drain, data_dir: None })
+        Ok(Spawned {
+            addr,
+            pid,
+            child,
+            drain,
+            data_dir: None,
+        })
     }
 
     /// SIGTERM, then SIGKILL after 20 s; removes the data directory it was given.
@@ -84,7 +100,10 @@ impl Spawned {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        if tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
         self.drain.abort();

@@ -40,6 +40,8 @@ named_enum! {
         ConnOpened = "conn_opened",
         /// Connection attempts that failed (TCP or WebSocket handshake).
         ConnFailed = "conn_failed",
+        /// Connections not attempted because the scenario's time ran out.
+        ConnNotTried = "conn_not_tried",
         /// Connections the harness closed.
         ConnClosed = "conn_closed",
         /// Connections the server or the network closed while the harness still used them.
@@ -79,8 +81,10 @@ named_enum! {
         /// Typing indicators sent, and seen by another member.
         TypingSent = "typing_sent",
         TypingSeen = "typing_seen",
-        /// Read markers sent, and receipts seen by another member.
+        /// Read markers sent; receipts other members should see (reads that
+        /// moved the marker, times the other members); receipts they saw.
         ReadsSent = "reads_sent",
+        ReceiptsExpected = "receipts_expected",
         ReceiptsSeen = "receipts_seen",
         /// Presence changes watchers should see, saw, and missed.
         PresenceExpected = "presence_expected",
@@ -161,7 +165,10 @@ impl Stats {
     pub fn new() -> Stats {
         Stats {
             counters: Counter::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
-            hist: Lat::ALL.iter().map(|_| Mutex::new(new_histogram())).collect(),
+            hist: Lat::ALL
+                .iter()
+                .map(|_| Mutex::new(new_histogram()))
+                .collect(),
             errors: Mutex::new(BTreeMap::new()),
             last_event_ns: AtomicU64::new(0),
         }
@@ -201,7 +208,8 @@ impl Stats {
 
     /// Marks an event of the scenario's main kind now.
     pub fn mark_event(&self) {
-        self.last_event_ns.fetch_max(sys::now_ns(), Ordering::Relaxed);
+        self.last_event_ns
+            .fetch_max(sys::now_ns(), Ordering::Relaxed);
     }
 
     /// Connections currently open.
@@ -212,7 +220,10 @@ impl Stats {
 
     /// Every counter, by name (zeros included: progress lines want them stable).
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        Counter::ALL.iter().map(|c| (c.name().to_string(), self.get(*c))).collect()
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name().to_string(), self.get(*c)))
+            .collect()
     }
 
     /// The whole state, serializable.
@@ -220,7 +231,7 @@ impl Stats {
         let mut histograms = BTreeMap::new();
         for lat in Lat::ALL {
             let h = self.hist[*lat as usize].lock();
-            if h.len() > 0 {
+            if !h.is_empty() {
                 histograms.insert(lat.name().to_string(), encode_histogram(&h)?);
             }
         }
@@ -296,7 +307,9 @@ impl Merged {
         for (k, text) in &snap.histograms {
             let h = decode_histogram(text)?;
             match self.histograms.get_mut(k) {
-                Some(acc) => acc.add(&h).map_err(|e| StatsError::Merge(format!("{e:?}")))?,
+                Some(acc) => acc
+                    .add(&h)
+                    .map_err(|e| StatsError::Merge(format!("{e:?}")))?,
                 None => {
                     self.histograms.insert(k.clone(), h);
                 }
@@ -340,7 +353,12 @@ mod tests {
 
         let mut merged = Merged::default();
         for s in [&a, &b] {
-            let snap = s.snapshot(CpuTimes { user_s: 1.0, sys_s: 0.5 }).unwrap();
+            let snap = s
+                .snapshot(CpuTimes {
+                    user_s: 1.0,
+                    sys_s: 0.5,
+                })
+                .unwrap();
             // Through JSON, as from a worker process.
             let text = serde_json::to_string(&snap).unwrap();
             merged.add(&serde_json::from_str(&text).unwrap()).unwrap();

@@ -18,10 +18,16 @@ impl CpuTimes {
         self.user_s + self.sys_s
     }
     pub fn plus(self, o: CpuTimes) -> CpuTimes {
-        CpuTimes { user_s: self.user_s + o.user_s, sys_s: self.sys_s + o.sys_s }
+        CpuTimes {
+            user_s: self.user_s + o.user_s,
+            sys_s: self.sys_s + o.sys_s,
+        }
     }
     pub fn minus(self, o: CpuTimes) -> CpuTimes {
-        CpuTimes { user_s: (self.user_s - o.user_s).max(0.0), sys_s: (self.sys_s - o.sys_s).max(0.0) }
+        CpuTimes {
+            user_s: (self.user_s - o.user_s).max(0.0),
+            sys_s: (self.sys_s - o.sys_s).max(0.0),
+        }
     }
 }
 
@@ -34,7 +40,10 @@ pub fn self_cpu() -> CpuTimes {
         return CpuTimes::default();
     }
     let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    CpuTimes { user_s: secs(ru.ru_utime), sys_s: secs(ru.ru_stime) }
+    CpuTimes {
+        user_s: secs(ru.ru_utime),
+        sys_s: secs(ru.ru_stime),
+    }
 }
 
 /// Raises the soft open-files limit to the hard one; returns the limit now in force.
@@ -46,7 +55,10 @@ pub fn raise_nofile_limit() -> u64 {
             return 0;
         }
         if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 return raised.rlim_cur as u64;
             }
@@ -84,12 +96,18 @@ fn parse_stat_cpu(stat: &str, ticks_per_sec: f64) -> Option<CpuTimes> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some(CpuTimes { user_s: utime / ticks_per_sec, sys_s: stime / ticks_per_sec })
+    Some(CpuTimes {
+        user_s: utime / ticks_per_sec,
+        sys_s: stime / ticks_per_sec,
+    })
 }
 
 /// Wall-clock nanoseconds since the Unix epoch: comparable between processes on this machine.
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// `git rev-parse HEAD` in `dir`, or "unknown".
@@ -110,7 +128,9 @@ pub fn git_revision(dir: &Path) -> String {
 
 /// Cores this machine offers.
 pub fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -123,7 +143,10 @@ mod tests {
         assert_eq!(parse_vmrss(status), Some(51234));
         let stat = "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
         let cpu = parse_stat_cpu(stat, 100.0).unwrap();
-        assert!((cpu.user_s - 2.5).abs() < 1e-9 && (cpu.sys_s - 0.5).abs() < 1e-9, "{cpu:?}");
+        assert!(
+            (cpu.user_s - 2.5).abs() < 1e-9 && (cpu.sys_s - 0.5).abs() < 1e-9,
+            "{cpu:?}"
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub fn parse_target(s: &str) -> Result<SocketAddr, AddressError> {
             .parse::<u16>()
             .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
             .map_err(|_| AddressError::Unparsable(s.to_string()))?,
-        None => s.parse().map_err(|_| AddressError::Unparsable(s.to_string()))?,
+        None => s
+            .parse()
+            .map_err(|_| AddressError::Unparsable(s.to_string()))?,
     };
     if !is_loopback_v4(addr.ip()) {
         return Err(AddressError::NotLoopback(s.to_string()));
@@ -61,7 +63,9 @@ pub fn source_addrs(base: Ipv4Addr, n: usize) -> Result<Vec<Ipv4Addr>, AddressEr
         if last != 0 && last != 255 {
             out.push(ip);
         }
-        cur = cur.checked_add(1).ok_or(AddressError::SourcesOutOfRange(n, base))?;
+        cur = cur
+            .checked_add(1)
+            .ok_or(AddressError::SourcesOutOfRange(n, base))?;
     }
     Ok(out)
 }
@@ -85,7 +89,10 @@ impl Placement {
         if targets.is_empty() {
             return Err(AddressError::NoTarget);
         }
-        let targets = targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>, _>>()?;
+        let targets = targets
+            .iter()
+            .map(|t| parse_target(t))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Placement { targets, sources })
     }
 
@@ -99,7 +106,9 @@ impl Placement {
         if self.sources.is_empty() {
             return None;
         }
-        Some(IpAddr::V4(self.sources[(i % self.sources.len() as u64) as usize]))
+        Some(IpAddr::V4(
+            self.sources[(i % self.sources.len() as u64) as usize],
+        ))
     }
 }
 
@@ -110,16 +119,34 @@ mod tests {
     #[test]
     fn only_loopback_targets_are_accepted() {
         assert_eq!(parse_target("127.0.0.1:80").unwrap().port(), 80);
-        assert_eq!(parse_target("127.3.2.1:9").unwrap().ip(), Ipv4Addr::new(127, 3, 2, 1));
-        assert_eq!(parse_target("localhost:7").unwrap(), "127.0.0.1:7".parse().unwrap());
-        for bad in ["10.0.0.1:80", "192.168.1.2:80", "8.8.8.8:53", "[::1]:80", "0.0.0.0:80"] {
+        assert_eq!(
+            parse_target("127.3.2.1:9").unwrap().ip(),
+            Ipv4Addr::new(127, 3, 2, 1)
+        );
+        assert_eq!(
+            parse_target("localhost:7").unwrap(),
+            "127.0.0.1:7".parse().unwrap()
+        );
+        for bad in [
+            "10.0.0.1:80",
+            "192.168.1.2:80",
+            "8.8.8.8:53",
+            "[::1]:80",
+            "0.0.0.0:80",
+        ] {
             assert!(
                 matches!(parse_target(bad), Err(AddressError::NotLoopback(_))),
                 "{bad} accepted"
             );
         }
-        assert!(matches!(parse_target("example.com:80"), Err(AddressError::Unparsable(_))));
-        assert!(matches!(parse_target("127.0.0.1"), Err(AddressError::Unparsable(_))));
+        assert!(matches!(
+            parse_target("example.com:80"),
+            Err(AddressError::Unparsable(_))
+        ));
+        assert!(matches!(
+            parse_target("127.0.0.1"),
+            Err(AddressError::Unparsable(_))
+        ));
         let err = Placement::new(&["127.0.0.1:1".into(), "172.16.0.1:1".into()], vec![]);
         assert!(err.unwrap_err().to_string().contains("127.0.0.0/8"));
     }
@@ -129,7 +156,11 @@ mod tests {
         let s = source_addrs(Ipv4Addr::new(127, 0, 0, 254), 3).unwrap();
         assert_eq!(
             s,
-            vec![Ipv4Addr::new(127, 0, 0, 254), Ipv4Addr::new(127, 0, 1, 1), Ipv4Addr::new(127, 0, 1, 2)]
+            vec![
+                Ipv4Addr::new(127, 0, 0, 254),
+                Ipv4Addr::new(127, 0, 1, 1),
+                Ipv4Addr::new(127, 0, 1, 2)
+            ]
         );
         assert!(source_addrs(Ipv4Addr::new(127, 255, 255, 250), 10).is_err());
         assert!(source_addrs(Ipv4Addr::new(10, 0, 0, 1), 1).is_err());
@@ -145,7 +176,10 @@ mod tests {
         let ports: Vec<u16> = (0..4).map(|i| p.target(i).port()).collect();
         assert_eq!(ports, vec![1, 2, 1, 2]);
         let srcs: Vec<String> = (0..4).map(|i| p.source(i).unwrap().to_string()).collect();
-        assert_eq!(srcs, vec!["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.2"]);
+        assert_eq!(
+            srcs,
+            vec!["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.2"]
+        );
         assert_eq!(auto_sources(10), 4);
         assert_eq!(auto_sources(100_000), 7);
     }

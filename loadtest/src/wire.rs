@@ -148,7 +148,11 @@ mod tests {
     #[test]
     fn requests_encode_as_the_protocol_expects() {
         let args = json!({"room": "r"});
-        let out = Outgoing { id: 3, op: "room.join", args: &args };
+        let out = Outgoing {
+            id: 3,
+            op: "room.join",
+            args: &args,
+        };
         for enc in [Encoding::Json, Encoding::MsgPack] {
             let raw: chorus_protocol::RawRequest = enc.decode(&enc.encode(&out).unwrap()).unwrap();
             assert_eq!((raw.id, raw.op.as_str()), (3, "room.join"));

@@ -38,7 +38,7 @@ use crate::auth::{Identity, Tokens};
 use crate::cli::RunSpec;
 use crate::client::{self, ClientConfig, Conn, ConnectError, PushHandler};
 use crate::scenarios::{self, SetupData};
-use crate::stats::{Snapshot, Stats};
+use crate::stats::{Counter, Snapshot, Stats};
 use crate::sys::{self, CpuTimes};
 use crate::target::Placement;
 
@@ -71,12 +71,25 @@ pub enum ToWorker {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum FromWorker {
-    Progress { counters: BTreeMap<String, u64> },
+    Progress {
+        counters: BTreeMap<String, u64>,
+    },
     /// `cpu`: the worker process's CPU time so far, to measure the load phase's share.
-    Ready { counters: BTreeMap<String, u64>, cpu: CpuTimes },
-    Ran { heads: Heads, counters: BTreeMap<String, u64>, cpu: CpuTimes },
-    Done { snapshot: Snapshot },
-    Failed { error: String },
+    Ready {
+        counters: BTreeMap<String, u64>,
+        cpu: CpuTimes,
+    },
+    Ran {
+        heads: Heads,
+        counters: BTreeMap<String, u64>,
+        cpu: CpuTimes,
+    },
+    Done {
+        snapshot: Snapshot,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// Self-test faults: the Nth entry push a worker receives is dropped or
@@ -90,7 +103,11 @@ pub struct Faults {
 
 impl Faults {
     pub fn new(drop_nth: Option<u64>, dup_nth: Option<u64>) -> Faults {
-        Faults { drop_nth, dup_nth, seen: AtomicU64::new(0) }
+        Faults {
+            drop_nth,
+            dup_nth,
+            seen: AtomicU64::new(0),
+        }
     }
 
     /// How many times to count the entry push just received (0, 1 or 2).
@@ -211,9 +228,11 @@ impl WorkerCtx {
         futures_util::stream::iter(items.into_iter().enumerate())
             .map(|(k, (index, who, handler))| async move {
                 if rate > 0.0 {
-                    tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate)).await;
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate))
+                        .await;
                 }
                 if until.is_some_and(|u| tokio::time::Instant::now() >= u) {
+                    self.stats.incr(Counter::ConnNotTried);
                     return None;
                 }
                 let conn = self.connect(index, &who, handler).await.ok();
@@ -236,12 +255,19 @@ impl WorkerCtx {
     }
 
     async fn emit(&self, ev: FromWorker) -> anyhow::Result<()> {
-        self.events.send(ev).await.map_err(|_| anyhow!("the coordinator went away"))
+        self.events
+            .send(ev)
+            .await
+            .map_err(|_| anyhow!("the coordinator went away"))
     }
 
     /// Setup is done: tells the coordinator, and waits for `Go`.
     pub async fn ready(&mut self) -> anyhow::Result<()> {
-        self.emit(FromWorker::Ready { counters: self.stats.counters(), cpu: sys::self_cpu() }).await?;
+        self.emit(FromWorker::Ready {
+            counters: self.stats.counters(),
+            cpu: sys::self_cpu(),
+        })
+        .await?;
         match self.next_command().await? {
             ToWorker::Go => Ok(()),
             other => bail!("expected Go, got {other:?}"),
@@ -252,7 +278,12 @@ impl WorkerCtx {
     /// every worker's, merged.
     pub async fn ran(&mut self, heads: Heads) -> anyhow::Result<Heads> {
         let counters = self.stats.counters();
-        self.emit(FromWorker::Ran { heads, counters, cpu: sys::self_cpu() }).await?;
+        self.emit(FromWorker::Ran {
+            heads,
+            counters,
+            cpu: sys::self_cpu(),
+        })
+        .await?;
         match self.next_command().await? {
             ToWorker::Finish { heads } => Ok(heads),
             other => bail!("expected Finish, got {other:?}"),
@@ -280,7 +311,11 @@ pub async fn run_worker(
     let ctx = match WorkerCtx::new(plan, events.clone(), commands) {
         Ok(c) => c,
         Err(e) => {
-            let _ = events.send(FromWorker::Failed { error: format!("{e:#}") }).await;
+            let _ = events
+                .send(FromWorker::Failed {
+                    error: format!("{e:#}"),
+                })
+                .await;
             return;
         }
     };
@@ -293,7 +328,13 @@ pub async fn run_worker(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if events.send(FromWorker::Progress { counters: stats.counters() }).await.is_err() {
+                if events
+                    .send(FromWorker::Progress {
+                        counters: stats.counters(),
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -305,7 +346,9 @@ pub async fn run_worker(
     }
     let last = match result.and_then(|()| Ok(stats.snapshot(sys::self_cpu())?)) {
         Ok(snapshot) => FromWorker::Done { snapshot },
-        Err(e) => FromWorker::Failed { error: format!("{e:#}") },
+        Err(e) => FromWorker::Failed {
+            error: format!("{e:#}"),
+        },
     };
     // If the coordinator is gone there is nobody left to tell.
     let _ = events.send(last).await;
@@ -370,7 +413,12 @@ pub struct Fleet {
 impl Fleet {
     pub async fn start(plans: Vec<WorkerPlan>, mode: &WorkerMode) -> anyhow::Result<Fleet> {
         let (ev_tx, events) = mpsc::channel(256);
-        let mut fleet = Fleet { senders: Vec::new(), events, children: Vec::new(), tasks: Vec::new() };
+        let mut fleet = Fleet {
+            senders: Vec::new(),
+            events,
+            children: Vec::new(),
+            tasks: Vec::new(),
+        };
         for plan in plans {
             let index = plan.index;
             let (cmd_tx, cmd_rx) = mpsc::channel(8);
@@ -378,7 +426,9 @@ impl Fleet {
             match mode {
                 WorkerMode::InProcess => {
                     let (wtx, mut wrx) = mpsc::channel(64);
-                    fleet.tasks.push(tokio::spawn(run_worker(plan, wtx, cmd_rx)));
+                    fleet
+                        .tasks
+                        .push(tokio::spawn(run_worker(plan, wtx, cmd_rx)));
                     let ev_tx = ev_tx.clone();
                     fleet.tasks.push(tokio::spawn(async move {
                         while let Some(ev) = wrx.recv().await {
@@ -389,7 +439,9 @@ impl Fleet {
                     }));
                 }
                 WorkerMode::Processes(exe) => {
-                    fleet.spawn_process(exe, plan, cmd_rx, ev_tx.clone()).await?;
+                    fleet
+                        .spawn_process(exe, plan, cmd_rx, ev_tx.clone())
+                        .await?;
                 }
             }
         }
@@ -416,11 +468,16 @@ impl Fleet {
         let stdout = child.stdout.take().context("worker stdout")?;
         let mut first = serde_json::to_vec(&plan)?;
         first.push(b'\n');
-        stdin.write_all(&first).await.context("sending the plan to a worker")?;
+        stdin
+            .write_all(&first)
+            .await
+            .context("sending the plan to a worker")?;
         stdin.flush().await?;
         self.tasks.push(tokio::spawn(async move {
             while let Some(cmd) = commands.recv().await {
-                let Ok(mut line) = serde_json::to_vec(&cmd) else { break };
+                let Ok(mut line) = serde_json::to_vec(&cmd) else {
+                    break;
+                };
                 line.push(b'\n');
                 if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
                     break;
@@ -433,7 +490,9 @@ impl Fleet {
             while let Ok(Some(line)) = lines.next_line().await {
                 let ev = match serde_json::from_str::<FromWorker>(&line) {
                     Ok(ev) => ev,
-                    Err(e) => FromWorker::Failed { error: format!("unreadable worker output: {e}") },
+                    Err(e) => FromWorker::Failed {
+                        error: format!("unreadable worker output: {e}"),
+                    },
                 };
                 finished = matches!(ev, FromWorker::Done { .. } | FromWorker::Failed { .. });
                 if events.send((index, ev)).await.is_err() || finished {
@@ -504,7 +563,9 @@ mod tests {
 
     #[test]
     fn protocol_lines_round_trip() {
-        let cmd = ToWorker::Finish { heads: Heads::from([("room:a".to_string(), 7)]) };
+        let cmd = ToWorker::Finish {
+            heads: Heads::from([("room:a".to_string(), 7)]),
+        };
         let back: ToWorker = serde_json::from_str(&serde_json::to_string(&cmd).unwrap()).unwrap();
         assert!(matches!(back, ToWorker::Finish { heads } if heads["room:a"] == 7));
         let ev = FromWorker::Failed { error: "x".into() };

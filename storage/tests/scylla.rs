@@ -270,6 +270,25 @@ async fn history_pages_across_buckets() {
         parts.values().any(|o| o.len() as u64 > S),
         "some append spilled: {parts:?}"
     );
+    let cql = format!(
+        "SELECT head_bucket FROM {}.channels WHERE channel = ?",
+        config.keyspace
+    );
+    let result = store
+        .session()
+        .query_unpaged(cql, (ch,))
+        .await
+        .expect("raw select");
+    let (hint,) = result
+        .into_rows_result()
+        .expect("rows")
+        .single_row::<(i64,)>()
+        .expect("one channel row");
+    assert_eq!(
+        Some(&hint),
+        parts.keys().last(),
+        "the head bucket hint follows the newest partition"
+    );
 
     for from in 1..=n + 1 {
         for limit in [1, 2, 3, 5, 9, 100] {

@@ -437,6 +437,18 @@ impl Client {
         }
     }
 
+    /// The reply to `id` if it has already been read (say, before the socket
+    /// closed), without reading more.
+    pub fn take_reply(&mut self, id: u64) -> Option<Result<Value, ErrorBody>> {
+        let pos = self.replies.iter().position(|r| r.id == id)?;
+        let r = self.replies.remove(pos);
+        Some(match (r.ok, r.error) {
+            (_, Some(e)) => Err(e),
+            (Some(v), None) => Ok(v),
+            (None, None) => Ok(Value::Null),
+        })
+    }
+
     /// Reads one frame into the buffers; false when the socket is closed.
     async fn read_one(&mut self, deadline: tokio::time::Instant) -> bool {
         let msg = match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -519,6 +531,21 @@ impl Client {
             Ok(v) => panic!("{op} should fail, got {v}"),
             Err(e) => e,
         }
+    }
+
+    /// Waits for the reply to a request that the node answers through its hub
+    /// (a read marker on a room that does not exist): every push the hub
+    /// queued for this connection before it has then been read into the
+    /// buffer, so a test can assert that something was *not* pushed.
+    pub async fn hub_barrier(&mut self) {
+        assert_eq!(
+            self.err(
+                "room.read",
+                json!({"room": "no-such-room.barrier", "offset": 0})
+            )
+            .await,
+            3002
+        );
     }
 
     /// Round-trips a ping: proves the connection is still usable.

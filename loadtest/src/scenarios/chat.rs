@@ -8,7 +8,7 @@
 //! members, typing indicator latency, read receipt latency; entries are
 //! tracked per offset for loss, duplicates and order as in fanout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,8 @@ const READ_QUEUE: usize = 64;
 /// others can time what they see.
 #[derive(Default)]
 struct RoomShared {
-    /// User → (typing sequence number, when sent).
-    typing: Mutex<HashMap<String, (u64, Instant)>>,
+    /// User → when each of its `room.typing` requests was sent.
+    typing: Mutex<HashMap<String, Vec<Instant>>>,
     /// (reader, offset) → when the read marker was sent.
     reads: Mutex<HashMap<(String, u64), Instant>>,
 }
@@ -52,15 +52,52 @@ struct Member {
     receipts: Arc<Completion>,
     read_prob: f64,
     reads: mpsc::Sender<u64>,
-    /// Per other user, the last typing sequence number seen.
-    typing_seen: HashMap<String, u64>,
+    /// Who this member currently sees typing (the last `typing` push).
+    shown: HashSet<String>,
+    /// When each user last disappeared from the typing list, as seen here.
+    gone_at: HashMap<String, Instant>,
+}
+
+impl Member {
+    /// The server pushes `typing` when the set of typers changes, so a
+    /// sighting is a user appearing in it; it was caused by that user's first
+    /// `room.typing` after it last disappeared.
+    fn on_typing(&mut self, users: &[String]) {
+        let now = Instant::now();
+        let current: HashSet<String> = users.iter().filter(|u| **u != self.me).cloned().collect();
+        for gone in self.shown.difference(&current) {
+            self.gone_at.insert(gone.clone(), now);
+        }
+        for u in current.difference(&self.shown) {
+            let since = self.gone_at.get(u).copied();
+            let cause = self
+                .room
+                .typing
+                .lock()
+                .get(u)
+                .and_then(|times| times.iter().copied().find(|t| since.is_none_or(|g| *t > g)));
+            if let Some(at) = cause {
+                self.stats
+                    .record(Lat::Typing, now.saturating_duration_since(at));
+                self.stats.incr(Counter::TypingSeen);
+            }
+        }
+        self.shown = current;
+    }
 }
 
 impl PushHandler for Member {
     fn on_push(&mut self, push: &Incoming) {
         match push.push.as_deref() {
             Some("entry") => {
-                let new = delivery::on_entry(push, &self.me, &self.state, &self.drain, &self.stats, &self.faults);
+                let new = delivery::on_entry(
+                    push,
+                    &self.me,
+                    &self.state,
+                    &self.drain,
+                    &self.stats,
+                    &self.faults,
+                );
                 let from_other = push
                     .data
                     .as_ref()
@@ -74,22 +111,15 @@ impl PushHandler for Member {
                 }
             }
             Some("typing") => {
-                let Some(users) = push.data.as_ref().and_then(|d| d.users.as_ref()) else { return };
-                for u in users.iter().filter(|u| **u != self.me) {
-                    let sent = self.room.typing.lock().get(u).copied();
-                    if let Some((seq, at)) = sent {
-                        let last = self.typing_seen.entry(u.clone()).or_default();
-                        if *last < seq {
-                            *last = seq;
-                            self.stats.record(Lat::Typing, at.elapsed());
-                            self.stats.incr(Counter::TypingSeen);
-                        }
-                    }
+                if let Some(users) = push.data.as_ref().and_then(|d| d.users.as_ref()) {
+                    self.on_typing(users);
                 }
             }
             Some("receipt") => {
                 let Some(d) = push.data.as_ref() else { return };
-                let (Some(user), Some(offset)) = (d.user.as_ref(), d.offset) else { return };
+                let (Some(user), Some(offset)) = (d.user.as_ref(), d.offset) else {
+                    return;
+                };
                 if *user == self.me {
                     return;
                 }
@@ -132,7 +162,10 @@ pub async fn run(mut ctx: WorkerCtx, a: ChatArgs) -> anyhow::Result<()> {
         let mut members = Vec::new();
         for m in 0..a.room_size {
             let index = r * a.room_size + m;
-            members.push((index, ctx.identity(index, &format!("{}-r{r}m{m}", ctx.run_id()))?));
+            members.push((
+                index,
+                ctx.identity(index, &format!("{}-r{r}m{m}", ctx.run_id()))?,
+            ));
         }
         wanted.push((r, members));
     }
@@ -169,7 +202,9 @@ pub async fn run(mut ctx: WorkerCtx, a: ChatArgs) -> anyhow::Result<()> {
     for room in &mut rooms {
         let peers = room.seats.len() as u64 - 1;
         for seat in &mut room.seats {
-            let Some(reads) = seat.reads.take() else { continue };
+            let Some(reads) = seat.reads.take() else {
+                continue;
+            };
             let member = MemberLoop {
                 conn: seat.conn.clone(),
                 room_id: room.id.clone(),
@@ -204,9 +239,14 @@ pub async fn run(mut ctx: WorkerCtx, a: ChatArgs) -> anyhow::Result<()> {
         }
     }))
     .await;
-    receipts.wait(drain_limit.saturating_sub(drain_start.elapsed())).await;
+    receipts
+        .wait(drain_limit.saturating_sub(drain_start.elapsed()))
+        .await;
     delivery::settle(&all_states, &ctx.stats);
-    let conns: Vec<Arc<Conn>> = rooms.iter().flat_map(|r| r.seats.iter().map(|s| s.conn.clone())).collect();
+    let conns: Vec<Arc<Conn>> = rooms
+        .iter()
+        .flat_map(|r| r.seats.iter().map(|s| s.conn.clone()))
+        .collect();
     close_all(conns).await;
     Ok(())
 }
@@ -236,10 +276,14 @@ async fn setup_room(
             receipts: receipts.clone(),
             read_prob: a.read,
             reads: tx,
-            typing_seen: HashMap::new(),
+            shown: HashSet::new(),
+            gone_at: HashMap::new(),
         };
         match ctx.connect(*index, who, handler).await {
-            Ok(conn) => seats.push(Seat { conn, reads: Some(rx) }),
+            Ok(conn) => seats.push(Seat {
+                conn,
+                reads: Some(rx),
+            }),
             Err(_) => {
                 close_all(seats.into_iter().map(|s| s.conn)).await;
                 return None;
@@ -248,11 +292,16 @@ async fn setup_room(
     }
     let owner = &seats[0].conn;
     let info: Result<RoomInfo, _> = if a.room_size == 2 {
-        owner.request("room.direct", &json!({ "user": users[1] })).await
+        owner
+            .request("room.direct", &json!({ "user": users[1] }))
+            .await
     } else {
         let room = format!("{}-g{r}", ctx.run_id());
         owner
-            .request("room.create", &json!({ "kind": "group", "room": room, "members": &users[1..] }))
+            .request(
+                "room.create",
+                &json!({ "kind": "group", "room": room, "members": &users[1..] }),
+            )
             .await
     };
     let Ok(info) = info else {
@@ -261,7 +310,10 @@ async fn setup_room(
     };
     let channel = format!("room:{}", info.id);
     for (seat, state) in seats.iter().zip(states) {
-        let sub: Result<Subscribed, _> = seat.conn.request("subscribe", &json!({ "channel": channel })).await;
+        let sub: Result<Subscribed, _> = seat
+            .conn
+            .request("subscribe", &json!({ "channel": channel }))
+            .await;
         match sub {
             Ok(s) => state.tracker.lock().channel(&s.channel).set_start(s.offset),
             Err(_) => {
@@ -270,7 +322,11 @@ async fn setup_room(
             }
         }
     }
-    Some(Room { id: info.id, shared, seats })
+    Some(Room {
+        id: info.id,
+        shared,
+        seats,
+    })
 }
 
 struct MemberLoop {
@@ -295,7 +351,6 @@ impl MemberLoop {
         let interval = 1.0 / a.rate;
         let phase = rand::random::<f64>() * interval;
         let mut head: Option<(String, u64)> = None;
-        let mut typing_seq = 0u64;
         for k in 0..a.messages {
             let due = start + Duration::from_secs_f64(phase + k as f64 * interval);
             if due >= end || !self.conn.is_up() {
@@ -309,11 +364,18 @@ impl MemberLoop {
                 }
             }
             if a.typing > 0.0 && rand::random::<f64>() < a.typing {
-                typing_seq += 1;
-                self.shared.typing.lock().insert(self.conn.user.clone(), (typing_seq, Instant::now()));
+                self.shared
+                    .typing
+                    .lock()
+                    .entry(self.conn.user.clone())
+                    .or_default()
+                    .push(Instant::now());
                 self.stats.incr(Counter::TypingSent);
                 // A refused typing indicator is counted; the message still goes.
-                let _ = self.conn.request_value("room.typing", &json!({ "room": self.room_id })).await;
+                let _ = self
+                    .conn
+                    .request_value("room.typing", &json!({ "room": self.room_id }))
+                    .await;
             }
             let args = SendMessage {
                 room: self.room_id.clone(),
@@ -345,15 +407,25 @@ impl MemberLoop {
         for _ in 0..self.peers {
             self.receipts.add();
         }
-        self.shared.reads.lock().insert((self.conn.user.clone(), offset), Instant::now());
+        self.shared
+            .reads
+            .lock()
+            .insert((self.conn.user.clone(), offset), Instant::now());
         self.stats.incr(Counter::ReadsSent);
-        if self
+        let reply = self
             .conn
-            .request_value("room.read", &json!({ "room": self.room_id, "offset": offset }))
-            .await
-            .is_err()
-        {
-            // No receipt will come for a refused read.
+            .request_value(
+                "room.read",
+                &json!({ "room": self.room_id, "offset": offset }),
+            )
+            .await;
+        // The marker only moves forward, and only a move is pushed as a receipt:
+        // after a refused read, or one behind the marker (the member's own
+        // later message moved it), none will come.
+        let moved = reply.is_ok_and(|v| v.get("offset").and_then(|o| o.as_u64()) == Some(offset));
+        if moved {
+            self.stats.add(Counter::ReceiptsExpected, self.peers);
+        } else {
             for _ in 0..self.peers {
                 self.receipts.done();
             }

@@ -13,14 +13,22 @@ pub async fn run(mut ctx: WorkerCtx, a: ConnectArgs) -> anyhow::Result<()> {
     let mut items = Vec::new();
     for i in (0..a.connections).filter(|i| ctx.mine(*i)) {
         let u = i % users;
-        items.push((i, ctx.identity(u, &format!("{}-u{u}", ctx.run_id()))?, IgnorePushes));
+        items.push((
+            i,
+            ctx.identity(u, &format!("{}-u{u}", ctx.run_id()))?,
+            IgnorePushes,
+        ));
     }
     ctx.ready().await?;
 
     let until = tokio::time::Instant::now() + Duration::from_secs_f64(a.duration_secs);
     let rate = ctx.share(a.rate);
-    let conns: Vec<_> =
-        ctx.open_many(items, rate, Some(until), true).await.into_iter().flatten().collect();
+    let conns: Vec<_> = ctx
+        .open_many(items, rate, Some(until), true)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     if a.hold_secs > 0.0 {
         tokio::time::sleep(Duration::from_secs_f64(a.hold_secs)).await;
     }

@@ -39,19 +39,17 @@ pub struct Drain {
 impl Drain {
     /// `subscribers`: how many [`SubState`]s will be waited for.
     pub fn new(subscribers: u64) -> Drain {
-        Drain { completion: Completion::new(subscribers), heads_known: AtomicBool::new(false) }
+        Drain {
+            completion: Completion::new(subscribers),
+            heads_known: AtomicBool::new(false),
+        }
     }
 
     /// Gives every subscriber its channels' final offsets, then waits (at
     /// most `limit`) until each has received up to them or lost its connection.
     pub async fn finish(&self, subs: &[Arc<SubState>], heads: &Heads, limit: Duration) -> bool {
         for s in subs {
-            let mut t = s.tracker.lock();
-            for (channel, head) in heads {
-                if let Some(c) = t.get_mut(channel) {
-                    c.set_head(*head);
-                }
-            }
+            s.tracker.lock().set_heads(heads);
         }
         self.heads_known.store(true, Ordering::Release);
         for s in subs {
@@ -96,7 +94,9 @@ pub fn on_entry(
     };
     stats.incr(Counter::Received);
     let data = push.data.as_ref();
-    let from_other = data.and_then(|d| d.sender.as_deref()).is_some_and(|s| s != me);
+    let from_other = data
+        .and_then(|d| d.sender.as_deref())
+        .is_some_and(|s| s != me);
     let stamp = data.and_then(|d| d.attachments).and_then(|a| a.t_ns);
     let mut new = None;
     for _ in 0..faults.copies() {

@@ -37,7 +37,14 @@ struct Subscriber {
 impl PushHandler for Subscriber {
     fn on_push(&mut self, push: &Incoming) {
         if push.push.as_deref() == Some("entry") {
-            delivery::on_entry(push, &self.me, &self.state, &self.drain, &self.stats, &self.faults);
+            delivery::on_entry(
+                push,
+                &self.me,
+                &self.state,
+                &self.drain,
+                &self.stats,
+                &self.faults,
+            );
         }
     }
 
@@ -48,7 +55,12 @@ impl PushHandler for Subscriber {
 
 pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
     let rooms = ctx.plan.setup.rooms.clone();
-    ensure!(rooms.len() as u64 == a.rooms, "the coordinator prepared {} rooms, not {}", rooms.len(), a.rooms);
+    ensure!(
+        rooms.len() as u64 == a.rooms,
+        "the coordinator prepared {} rooms, not {}",
+        rooms.len(),
+        a.rooms
+    );
     let run_id = ctx.run_id().to_string();
     let subs_total = a.rooms * a.subscribers;
     let pubs_total = a.rooms * a.publishers;
@@ -60,7 +72,10 @@ pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
     for &i in &my_subs {
         sub_items.push((i, ctx.identity(i, &format!("{run_id}-s{i}"))?));
     }
-    let states: Vec<Arc<SubState>> = my_subs.iter().map(|_| Arc::new(SubState::default())).collect();
+    let states: Vec<Arc<SubState>> = my_subs
+        .iter()
+        .map(|_| Arc::new(SubState::default()))
+        .collect();
     let conc = ctx.spec().common.concurrency.max(1);
     let sub_conns: Vec<Option<Arc<Conn>>> = {
         let ctx = &ctx;
@@ -84,7 +99,8 @@ pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
                 let sub: Result<Subscribed, RequestError> = if a.join {
                     conn.request("room.join", &json!({ "room": room })).await
                 } else {
-                    conn.request("subscribe", &json!({ "channel": channel })).await
+                    conn.request("subscribe", &json!({ "channel": channel }))
+                        .await
                 };
                 match sub {
                     Ok(s) => {
@@ -104,19 +120,29 @@ pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
     };
 
     // Publishers.
-    let my_pubs: Vec<u64> = (0..pubs_total).filter(|j| ctx.mine(subs_total + *j)).collect();
+    let my_pubs: Vec<u64> = (0..pubs_total)
+        .filter(|j| ctx.mine(subs_total + *j))
+        .collect();
     let mut publishers: Vec<(u64, Arc<Conn>, String)> = Vec::new();
     for &j in &my_pubs {
         let index = subs_total + j;
         let who = ctx.identity(index, &format!("{run_id}-p{j}"))?;
-        let Ok(conn) = ctx.connect(index, &who, IgnorePushes).await else { continue };
+        let Ok(conn) = ctx.connect(index, &who, IgnorePushes).await else {
+            continue;
+        };
         let room = rooms[(j % a.rooms) as usize].clone();
-        if conn.request_value("room.join", &json!({ "room": room })).await.is_err() {
+        if conn
+            .request_value("room.join", &json!({ "room": room }))
+            .await
+            .is_err()
+        {
             conn.close().await;
             continue;
         }
         // Still a member, no longer a receiver. If refused, it only costs the harness.
-        let _ = conn.request_value("unsubscribe", &json!({ "channel": format!("room:{room}") })).await;
+        let _ = conn
+            .request_value("unsubscribe", &json!({ "channel": format!("room:{room}") }))
+            .await;
         publishers.push((j, conn, room));
     }
 
@@ -126,14 +152,22 @@ pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let start_ns = sys::now_ns();
     let end = start + Duration::from_secs_f64(a.duration_secs);
-    let per_pub_rate = if a.rate > 0.0 { a.rate / pubs_total as f64 } else { 0.0 };
+    let per_pub_rate = if a.rate > 0.0 {
+        a.rate / pubs_total as f64
+    } else {
+        0.0
+    };
     let text = "x".repeat(a.payload_bytes);
     let results = futures_util::future::join_all(publishers.iter().map(|(j, conn, room)| {
         let plan = Plan {
             messages: a.messages,
             rate: per_pub_rate,
             // Stagger publishers evenly within one period.
-            phase: if per_pub_rate > 0.0 { *j as f64 / a.rate } else { 0.0 },
+            phase: if per_pub_rate > 0.0 {
+                *j as f64 / a.rate
+            } else {
+                0.0
+            },
             max_inflight: a.max_inflight,
             start,
             start_ns,
@@ -152,7 +186,13 @@ pub async fn run(mut ctx: WorkerCtx, a: FanoutArgs) -> anyhow::Result<()> {
     let states_ref = &states;
     drain.finish(states_ref, &heads, ctx.drain_limit()).await;
     delivery::settle(states_ref, &ctx.stats);
-    close_all(sub_conns.into_iter().flatten().chain(publishers.into_iter().map(|(_, c, _)| c))).await;
+    close_all(
+        sub_conns
+            .into_iter()
+            .flatten()
+            .chain(publishers.into_iter().map(|(_, c, _)| c)),
+    )
+    .await;
     Ok(())
 }
 
@@ -169,7 +209,13 @@ struct Plan {
 }
 
 /// Sends one publisher's messages; returns its room's channel and the highest offset acknowledged.
-async fn publish(conn: &Conn, room: &str, text: &str, plan: Plan, stats: &Stats) -> Option<(String, u64)> {
+async fn publish(
+    conn: &Conn,
+    room: &str,
+    text: &str,
+    plan: Plan,
+    stats: &Stats,
+) -> Option<(String, u64)> {
     let mut inflight = FuturesUnordered::new();
     let mut head: Option<(String, u64)> = None;
     for k in 0..plan.messages {

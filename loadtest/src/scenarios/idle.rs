@@ -22,11 +22,19 @@ pub async fn run(mut ctx: WorkerCtx, a: IdleArgs) -> anyhow::Result<()> {
     let mut items = Vec::new();
     for i in (0..a.connections).filter(|i| ctx.mine(*i)) {
         let u = i % users;
-        items.push((i, ctx.identity(u, &format!("{}-u{u}", ctx.run_id()))?, IgnorePushes));
+        items.push((
+            i,
+            ctx.identity(u, &format!("{}-u{u}", ctx.run_id()))?,
+            IgnorePushes,
+        ));
     }
     let rate = ctx.share(a.rate);
-    let conns: Vec<Arc<Conn>> =
-        ctx.open_many(items, rate, None, false).await.into_iter().flatten().collect();
+    let conns: Vec<Arc<Conn>> = ctx
+        .open_many(items, rate, None, false)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     ctx.ready().await?;
 
     let end = Instant::now() + Duration::from_secs_f64(a.hold_secs);

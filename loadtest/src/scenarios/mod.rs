@@ -100,12 +100,18 @@ impl Scenario {
     }
 
     pub fn supports_baseline(&self) -> bool {
-        matches!(self, Scenario::Connect(_) | Scenario::Idle(_) | Scenario::Fanout(_))
+        matches!(
+            self,
+            Scenario::Connect(_) | Scenario::Idle(_) | Scenario::Fanout(_)
+        )
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         let prob = |p: f64, what: &str| {
-            ensure!((0.0..=1.0).contains(&p), "{what} must be a probability in [0, 1]");
+            ensure!(
+                (0.0..=1.0).contains(&p),
+                "{what} must be a probability in [0, 1]"
+            );
             Ok(())
         };
         match self {
@@ -118,7 +124,10 @@ impl Scenario {
                 ensure!(a.users != Some(0), "--users must be positive");
             }
             Scenario::Fanout(a) => {
-                ensure!(a.rooms > 0 && a.subscribers > 0, "--rooms and --subscribers must be positive");
+                ensure!(
+                    a.rooms > 0 && a.subscribers > 0,
+                    "--rooms and --subscribers must be positive"
+                );
                 ensure!(a.publishers > 0, "--publishers must be positive");
                 ensure!(a.max_inflight > 0, "--max-inflight must be positive");
             }
@@ -130,10 +139,16 @@ impl Scenario {
                 prob(a.read, "--read")?;
             }
             Scenario::Presence(a) => {
-                ensure!(a.users > 0 && a.watchers > 0, "--users and --watchers must be positive");
+                ensure!(
+                    a.users > 0 && a.watchers > 0,
+                    "--users and --watchers must be positive"
+                );
             }
             Scenario::Notify(a) => {
-                ensure!(a.users > 0 && a.batch > 0, "--users and --batch must be positive");
+                ensure!(
+                    a.users > 0 && a.batch > 0,
+                    "--users and --batch must be positive"
+                );
                 ensure!(a.api_concurrency > 0, "--api-concurrency must be positive");
                 ensure!(
                     ["low", "normal", "high", "urgent"].contains(&a.priority.as_str()),
@@ -170,24 +185,69 @@ impl Scenario {
     pub fn key_counters(&self) -> &'static [Counter] {
         use Counter::*;
         match self {
-            Scenario::Connect(_) => &[ConnOpened, ConnFailed, ConnDropped, Errors],
-            Scenario::Idle(_) => &[ConnOpened, ConnFailed, StayedUp, ConnDropped, Pings, Pongs, Errors],
+            Scenario::Connect(_) => &[ConnOpened, ConnFailed, ConnNotTried, ConnDropped, Errors],
+            Scenario::Idle(_) => &[
+                ConnOpened,
+                ConnFailed,
+                StayedUp,
+                ConnDropped,
+                Pings,
+                Pongs,
+                Errors,
+            ],
             Scenario::Fanout(_) => &[
-                ConnOpened, ConnFailed, ConnDropped, Sent, Acked, Deliveries, Expected, Delivered,
-                Lost, Duplicates, OutOfOrder, Errors,
+                ConnOpened,
+                ConnFailed,
+                ConnDropped,
+                Sent,
+                Acked,
+                Deliveries,
+                Expected,
+                Delivered,
+                Lost,
+                Duplicates,
+                OutOfOrder,
+                Errors,
             ],
             Scenario::Chat(_) => &[
-                ConnOpened, ConnFailed, ConnDropped, Sent, Acked, Deliveries, Expected, Delivered,
-                Lost, Duplicates, OutOfOrder, TypingSent, TypingSeen, ReadsSent, ReceiptsSeen,
+                ConnOpened,
+                ConnFailed,
+                ConnDropped,
+                Sent,
+                Acked,
+                Deliveries,
+                Expected,
+                Delivered,
+                Lost,
+                Duplicates,
+                OutOfOrder,
+                TypingSent,
+                TypingSeen,
+                ReadsSent,
+                ReceiptsExpected,
+                ReceiptsSeen,
                 Errors,
             ],
             Scenario::Presence(_) => &[
-                ConnOpened, ConnFailed, ConnDropped, PresenceExpected, PresenceSeen,
-                PresenceMissed, Errors,
+                ConnOpened,
+                ConnFailed,
+                ConnDropped,
+                PresenceExpected,
+                PresenceSeen,
+                PresenceMissed,
+                Errors,
             ],
             Scenario::Notify(_) => &[
-                ConnOpened, ConnFailed, ConnDropped, NotifCreated, NotifExpected, NotifDelivered,
-                NotifLost, NotifDuplicates, ApiErrors, Errors,
+                ConnOpened,
+                ConnFailed,
+                ConnDropped,
+                NotifCreated,
+                NotifExpected,
+                NotifDelivered,
+                NotifLost,
+                NotifDuplicates,
+                ApiErrors,
+                Errors,
             ],
         }
     }
@@ -212,19 +272,33 @@ impl Scenario {
             out.insert(k.to_string(), v);
         };
         match self {
-            Scenario::Connect(_) => {
-                put("connects_per_sec", per_sec(m.count(Counter::ConnOpened), w.to_last_event_secs))
-            }
-            Scenario::Idle(_) => put("pings_per_sec", per_sec(m.count(Counter::Pongs), w.run_secs)),
+            Scenario::Connect(_) => put(
+                "connects_per_sec",
+                per_sec(m.count(Counter::ConnOpened), w.to_last_event_secs),
+            ),
+            Scenario::Idle(_) => put(
+                "pings_per_sec",
+                per_sec(m.count(Counter::Pongs), w.run_secs),
+            ),
             Scenario::Fanout(_) | Scenario::Chat(_) => {
-                put("messages_per_sec", per_sec(m.count(Counter::Acked), w.run_secs));
-                put("deliveries_per_sec", per_sec(m.count(Counter::Deliveries), w.to_last_event_secs));
+                put(
+                    "messages_per_sec",
+                    per_sec(m.count(Counter::Acked), w.run_secs),
+                );
+                put(
+                    "deliveries_per_sec",
+                    per_sec(m.count(Counter::Deliveries), w.to_last_event_secs),
+                );
             }
-            Scenario::Presence(_) => {
-                put("presence_changes_seen_per_sec", per_sec(m.count(Counter::PresenceSeen), w.run_secs))
-            }
+            Scenario::Presence(_) => put(
+                "presence_changes_seen_per_sec",
+                per_sec(m.count(Counter::PresenceSeen), w.run_secs),
+            ),
             Scenario::Notify(_) => {
-                put("notifications_created_per_sec", per_sec(m.count(Counter::NotifCreated), w.run_secs));
+                put(
+                    "notifications_created_per_sec",
+                    per_sec(m.count(Counter::NotifCreated), w.run_secs),
+                );
                 put(
                     "notifications_delivered_per_sec",
                     per_sec(m.count(Counter::NotifDelivered), w.to_last_event_secs),

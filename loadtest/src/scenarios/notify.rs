@@ -58,7 +58,9 @@ impl PushHandler for Recipient {
             return;
         }
         self.stats.incr(Counter::NotifPushes);
-        let Some(items) = push.data.as_ref().and_then(|d| d.items.as_ref()) else { return };
+        let Some(items) = push.data.as_ref().and_then(|d| d.items.as_ref()) else {
+            return;
+        };
         for n in items.iter().filter(|n| n.kind == self.kind) {
             if !self.inbox.ids.lock().insert(n.id) {
                 self.stats.incr(Counter::NotifDuplicates);
@@ -67,10 +69,13 @@ impl PushHandler for Recipient {
             self.stats.incr(Counter::NotifDelivered);
             self.stats.mark_event();
             match n.data.and_then(|d| d.t_ns) {
-                Some(t_ns) => {
-                    self.stats.record_us(Lat::NotifyDelivery, sys::now_ns().saturating_sub(t_ns) / 1000)
-                }
-                None => self.stats.error("notification without the harness's data.t_ns"),
+                Some(t_ns) => self.stats.record_us(
+                    Lat::NotifyDelivery,
+                    sys::now_ns().saturating_sub(t_ns) / 1000,
+                ),
+                None => self
+                    .stats
+                    .error("notification without the harness's data.t_ns"),
             }
             if self.inbox.received.fetch_add(1, Ordering::AcqRel) + 1 >= self.expected {
                 self.inbox.count_done(&self.done);
@@ -136,7 +141,13 @@ pub async fn run(mut ctx: WorkerCtx, a: NotifyArgs) -> anyhow::Result<()> {
 
     let api_timeout = Duration::from_secs_f64(ctx.spec().common.request_timeout_secs);
     let mut clients: Vec<ApiClient> = (0..a.api_concurrency)
-        .map(|i| ApiClient::new(ctx.placement.target(i as u64), &ctx.spec().common.api_key, api_timeout))
+        .map(|i| {
+            ApiClient::new(
+                ctx.placement.target(i as u64),
+                &ctx.spec().common.api_key,
+                api_timeout,
+            )
+        })
         .collect();
     let start = Instant::now();
     for b in 0..a.bursts {

@@ -71,7 +71,11 @@ impl Group {
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let e = self.expect.lock();
-                return if e.generation == generation { e.seen } else { 0 };
+                return if e.generation == generation {
+                    e.seen
+                } else {
+                    0
+                };
             }
         }
     }
@@ -96,7 +100,11 @@ impl PushHandler for Watcher {
         let mut e = self.group.expect.lock();
         if d.status.as_deref() == Some(e.status) && self.last_generation < e.generation {
             self.last_generation = e.generation;
-            let lat = if e.status == "online" { Lat::Online } else { Lat::Offline };
+            let lat = if e.status == "online" {
+                Lat::Online
+            } else {
+                Lat::Offline
+            };
             self.stats.record(lat, e.at.elapsed());
             self.stats.incr(Counter::PresenceSeen);
             e.seen += 1;
@@ -119,36 +127,57 @@ pub async fn run(mut ctx: WorkerCtx, a: PresenceArgs) -> anyhow::Result<()> {
         let user = ctx.identity(user_index, &format!("{run_id}-p{g}"))?;
         let group = Arc::new(Group {
             user: user.user.clone(),
-            expect: Mutex::new(Expect { status: "offline", at: Instant::now(), generation: 0, seen: 0 }),
+            expect: Mutex::new(Expect {
+                status: "offline",
+                at: Instant::now(),
+                generation: 0,
+                seen: 0,
+            }),
             changed: Notify::new(),
         });
         for k in 0..a.watchers {
             let index = g * a.watchers + k;
-            watcher_items.push((index, ctx.identity(index, &format!("{run_id}-p{g}w{k}"))?, group.clone()));
+            watcher_items.push((
+                index,
+                ctx.identity(index, &format!("{run_id}-p{g}w{k}"))?,
+                group.clone(),
+            ));
         }
         groups.push((user_index, user, group));
     }
 
     // Watchers connect and watch their user.
-    let watched: HashMap<u64, String> =
-        watcher_items.iter().map(|(i, _, group)| (*i, group.user.clone())).collect();
+    let watched: HashMap<u64, String> = watcher_items
+        .iter()
+        .map(|(i, _, group)| (*i, group.user.clone()))
+        .collect();
     let items = watcher_items
         .into_iter()
         .map(|(i, who, group)| {
-            let handler =
-                Watcher { group, watchers: a.watchers, last_generation: 0, stats: ctx.stats.clone() };
+            let handler = Watcher {
+                group,
+                watchers: a.watchers,
+                last_generation: 0,
+                stats: ctx.stats.clone(),
+            };
             (i, who, handler)
         })
         .collect();
-    let watchers: Vec<Arc<Conn>> =
-        ctx.open_many(items, 0.0, None, false).await.into_iter().flatten().collect();
+    let watchers: Vec<Arc<Conn>> = ctx
+        .open_many(items, 0.0, None, false)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let conc = ctx.spec().common.concurrency.max(1);
     futures_util::stream::iter(watchers.iter())
         .for_each_concurrent(conc, |w| {
             let user = watched.get(&w.index).cloned().unwrap_or_default();
             async move {
                 // A refused watch shows up as errors and missed changes.
-                let _ = w.request_value("presence.watch", &json!({ "users": [user] })).await;
+                let _ = w
+                    .request_value("presence.watch", &json!({ "users": [user] }))
+                    .await;
             }
         })
         .await;
@@ -156,9 +185,11 @@ pub async fn run(mut ctx: WorkerCtx, a: PresenceArgs) -> anyhow::Result<()> {
     ctx.ready().await?;
 
     let timeout = Duration::from_secs_f64(a.change_timeout_secs);
-    futures_util::future::join_all(groups.iter().map(|(index, who, group)| {
-        churn(&ctx, *index, who, group, &a, timeout)
-    }))
+    futures_util::future::join_all(
+        groups
+            .iter()
+            .map(|(index, who, group)| churn(&ctx, *index, who, group, &a, timeout)),
+    )
     .await;
 
     ctx.ran(Heads::new()).await?;
