@@ -92,8 +92,12 @@ fetch() {
 </project>
 POM
     rm -rf "$LIB.partial"
-    (cd "$HOME_DIR" && mvn -B -q "$DEP_PLUGIN:copy-dependencies" \
-        -DincludeScope=runtime -DoutputDirectory="$LIB.partial")
+    if ! (cd "$HOME_DIR" && mvn -B -q "$DEP_PLUGIN:copy-dependencies" \
+        -DincludeScope=runtime -DoutputDirectory="$LIB.partial") >"$BASE/maven.log" 2>&1; then
+        say "Maven failed; last lines of $BASE/maven.log:"
+        tail -n 30 "$BASE/maven.log" >&2
+        exit 1
+    fi
     [[ -f "$LIB.partial/cassandra-all-$CASSANDRA_VERSION.jar" ]] || { say "Maven did not produce cassandra-all-$CASSANDRA_VERSION.jar"; exit 1; }
     rm -rf "$LIB"
     mv "$LIB.partial" "$LIB"

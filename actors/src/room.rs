@@ -33,6 +33,9 @@ use crate::services::{Replier, Services};
 use crate::user::{Notify, NotifySpec};
 use crate::Fail;
 
+/// Most entries one store append carries; more wait for the next batch.
+const MAX_BATCH: usize = 256;
+
 /// How many recent client ids a room remembers without asking the store.
 const CLIENT_ID_CACHE: usize = 4096;
 
@@ -278,7 +281,9 @@ impl RoomActor {
         if self.queue.is_empty() {
             return;
         }
-        let mut batch = std::mem::take(&mut self.queue);
+        // Bounded batches: a backend may cap one append (ScyllaDB: one partition).
+        let take = self.queue.len().min(MAX_BATCH);
+        let mut batch: Vec<Pending> = self.queue.drain(..take).collect();
         let mut offset = head.offset;
         let mut msg_seq = head.msg_seq;
         let now = now_ms();
@@ -374,12 +379,12 @@ impl RoomActor {
             }
             Err(e) => {
                 let fail = Fail::from(e);
-                if fail.code == ErrorCode::Conflict {
-                    // Someone else wrote here (ownership moved): our head is stale.
-                    match self.svc.store.channel_head(&self.key).await {
-                        Ok(h) => self.head = h,
-                        Err(e) => tracing::error!(channel = %self.key, error = %e, "reloading head failed"),
-                    }
+                // A conflict means someone else wrote here (ownership moved); an
+                // unavailable store may have written the batch after all. Either
+                // way our head may be stale: reload it before numbering more.
+                match self.svc.store.channel_head(&self.key).await {
+                    Ok(h) => self.head = h,
+                    Err(e) => tracing::error!(channel = %self.key, error = %e, "reloading head failed"),
                 }
                 for p in batch {
                     p.replier.send(&self.svc, Err(fail.clone())).await;
@@ -890,9 +895,22 @@ impl RoomActor {
             }
         };
         if let Some(r) = reply_to {
-            if r == 0 || r > head.offset {
-                replier.send(&self.svc, Err(Fail::new(ErrorCode::MessageNotFound, "reply_to: no such message"))).await;
-                return Err(());
+            // A thread hangs off a chat message, not off a join, an edit or a publication.
+            let target = if r == 0 || r > head.offset {
+                Ok(None)
+            } else {
+                self.svc.store.get_entry(&self.key, r).await.map_err(Fail::from)
+            };
+            match target {
+                Ok(Some(e)) if e.kind == EntryKind::Message => {}
+                Ok(_) => {
+                    replier.send(&self.svc, Err(Fail::new(ErrorCode::MessageNotFound, "reply_to: no such message"))).await;
+                    return Err(());
+                }
+                Err(f) => {
+                    replier.send(&self.svc, Err(f)).await;
+                    return Err(());
+                }
             }
         }
         let replier = match &client_id {

@@ -9,7 +9,9 @@
 //!
 //! Bounded in count and time: each scenario stops after `CHORUS_BENCH_CALLS`
 //! calls (default 20000) or `CHORUS_BENCH_SECS` seconds (default 10),
-//! whichever comes first. The ScyllaDB run uses a fresh keyspace and drops it.
+//! whichever comes first, after an unmeasured warm-up of at most
+//! `CHORUS_BENCH_WARMUP_SECS` (default 3). The ScyllaDB run uses a fresh
+//! keyspace and drops it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +32,7 @@ const PAGE: usize = 50;
 struct Limits {
     calls: u64,
     time: Duration,
+    warmup: Duration,
 }
 
 struct Outcome {
@@ -176,6 +179,13 @@ const SCENARIOS: [(&str, &str); 3] = [
 ];
 
 async fn run_all(store: Arc<dyn Store>, tag: &str, limits: &Limits) -> Vec<Outcome> {
+    // Unmeasured warm-up: connection pools, caches, and a JVM server's JIT.
+    let warmup = Limits {
+        calls: limits.calls.min(2000),
+        time: limits.warmup,
+        warmup: Duration::ZERO,
+    };
+    appends(Arc::clone(&store), &format!("{tag}w"), 4, &warmup).await;
     vec![
         appends(Arc::clone(&store), tag, 1, limits).await,
         appends(Arc::clone(&store), tag, 16, limits).await,
@@ -196,6 +206,7 @@ async fn main() {
     let limits = Limits {
         calls: env_u64("CHORUS_BENCH_CALLS", 20_000),
         time: Duration::from_secs(env_u64("CHORUS_BENCH_SECS", 10)),
+        warmup: Duration::from_secs(env_u64("CHORUS_BENCH_WARMUP_SECS", 3)),
     };
     println!(
         "storage benchmark: {CONCURRENCY} concurrent callers, at most {} calls or {}s per scenario",

@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `channels` | `channel` | | epoch, a hint of the newest bucket |
 //! | `messages` | `(channel, bucket)` | `msg_offset DESC` | one entry (MessagePack) per row; static `top`, `top_seq` |
-//! | `client_ids` | `(channel, client_id)` | | the offset a client message id was stored at |
+//! | `client_ids` | `(channel, client_id)` | | offset and writer id of the append that recorded a client message id |
 //! | `rooms` | `room_id` | | room metadata |
 //! | `members` / `user_rooms` | `room_id` / `user_id` | `user_id` / `room_id` | membership, both ways |
 //! | `read_markers` | `channel` | `user_id` | read marker offsets |
@@ -355,6 +355,7 @@ const MIGRATIONS: &[Migration] = &[Migration {
             channel text,
             client_id text,
             msg_offset bigint,
+            writer bigint,
             PRIMARY KEY ((channel, client_id)))",
         "CREATE TABLE IF NOT EXISTS {ks}.rooms (
             room_id text PRIMARY KEY,
@@ -646,6 +647,7 @@ struct Statements {
     entries_asc: PreparedStatement,
     entries_before: PreparedStatement,
     entry_get: PreparedStatement,
+    writer_get: PreparedStatement,
     writer_get_serial: PreparedStatement,
     entry_update: PreparedStatement,
     client_id_put: PreparedStatement,
@@ -779,16 +781,19 @@ impl Statements {
                     .into(),
             )
             .await?,
+            writer_get: prep(Kind::Read, writer.into()).await?,
             writer_get_serial: prep(Kind::SerialRead, writer.into()).await?,
             entry_update,
             client_id_put: prep(
                 Kind::Write,
-                "INSERT INTO {ks}.client_ids (channel, client_id, msg_offset) VALUES (?, ?, ?)".into(),
+                "INSERT INTO {ks}.client_ids (channel, client_id, msg_offset, writer) VALUES (?, ?, ?, ?)"
+                    .into(),
             )
             .await?,
             client_id_get: prep(
                 Kind::Read,
-                "SELECT msg_offset FROM {ks}.client_ids WHERE channel = ? AND client_id = ?".into(),
+                "SELECT msg_offset, writer FROM {ks}.client_ids WHERE channel = ? AND client_id = ?"
+                    .into(),
             )
             .await?,
             room_create: prep(
@@ -1246,12 +1251,14 @@ impl ScyllaStore {
         Ok(head)
     }
 
-    async fn record_client_ids(&self, channel: &str, entries: &[Entry]) -> Result<()> {
+    /// Records the client ids of an append with the append's `writer` id,
+    /// which [`Store::find_client_id`] checks against the stored entry.
+    async fn record_client_ids(&self, channel: &str, entries: &[Entry], writer: i64) -> Result<()> {
         let writes = entries.iter().filter_map(|e| {
             let cid = e.client_id.as_deref()?;
             Some(async move {
                 let offset = to_i64(e.offset, "offset")?;
-                self.exec(&self.st.client_id_put, (channel, cid, offset))
+                self.exec(&self.st.client_id_put, (channel, cid, offset, writer))
                     .await
                     .map(|_| ())
             })
@@ -1384,6 +1391,23 @@ impl ScyllaStore {
             )
             .await?;
         rows.into_iter().map(decode_entry).collect()
+    }
+
+    /// The `writer` id of the append that stored `offset`, if it is stored.
+    async fn locate_writer(&self, channel: &str, offset: u64) -> Result<Option<i64>> {
+        let Ok(o) = to_i64(offset, "offset") else {
+            return Ok(None);
+        };
+        let bucket = self.bucket(offset);
+        for b in [Some(bucket), bucket.checked_sub(1)].into_iter().flatten() {
+            let row: Option<(Option<i64>,)> = self
+                .one(&self.st.writer_get, (channel, to_i64(b, "bucket")?, o))
+                .await?;
+            if let Some((writer,)) = row {
+                return Ok(writer);
+            }
+        }
+        Ok(None)
     }
 
     /// Where `offset` is stored: its bucket, or the previous one's spill.
@@ -1553,7 +1577,7 @@ impl crate::Store for ScyllaStore {
         // Before the entries, so an acknowledged entry always has its client
         // id recorded; a lookup checks the entry, so ids of a refused append
         // lead nowhere.
-        self.record_client_ids(channel, entries).await?;
+        self.record_client_ids(channel, entries, writer).await?;
 
         let bucket = self.bucket(o1);
         let taken = |top: Option<i64>| {
@@ -1725,16 +1749,17 @@ impl crate::Store for ScyllaStore {
     }
 
     async fn find_client_id(&self, channel: &str, client_id: &str) -> Result<Option<u64>> {
-        let row: Option<(Option<i64>,)> = self
+        let row: Option<(Option<i64>, Option<i64>)> = self
             .one(&self.st.client_id_get, (channel, client_id))
             .await?;
-        let Some((Some(offset),)) = row else {
+        let Some((Some(offset), Some(writer))) = row else {
             return Ok(None);
         };
         let offset = to_u64(offset, "offset")?;
-        // Recorded before the append: only an entry that carries it proves it landed.
-        match self.locate(channel, offset).await? {
-            Some(e) if e.client_id.as_deref() == Some(client_id) => Ok(Some(offset)),
+        // Recorded before the append: only the entry written by the same
+        // append call (same writer id) proves it landed. Edits keep the id.
+        match self.locate_writer(channel, offset).await? {
+            Some(stored) if stored == writer => Ok(Some(offset)),
             _ => Ok(None),
         }
     }

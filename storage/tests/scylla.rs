@@ -738,6 +738,19 @@ async fn reconnect_keeps_history() {
         store.find_client_id(ch, "cid-7").await.expect("client id"),
         Some(7)
     );
+    // A deleted message keeps its client id in the index (the trait's rule).
+    let mut deleted = history[6].clone();
+    deleted.client_id = None;
+    deleted.text = None;
+    deleted.deleted = true;
+    store
+        .update_entry(ch, &deleted)
+        .await
+        .expect("delete in place");
+    assert_eq!(
+        store.find_client_id(ch, "cid-7").await.expect("client id"),
+        Some(7)
+    );
     assert_eq!(store.get_room("durable").await.expect("room"), Some(room));
     assert_eq!(
         store.members("durable").await.expect("members"),
