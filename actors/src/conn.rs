@@ -83,6 +83,10 @@ pub struct ConnActor {
     subscriptions: HashSet<String>,
     watching: HashSet<String>,
     last_activity_report: Instant,
+    /// Bumped by every `auth.refresh`: only the newest token's expiry check
+    /// counts, so a refresh to a shorter-lived token is enforced at its own
+    /// `exp`, and checks do not pile up over many refreshes.
+    token_generation: u64,
 }
 
 impl Actor for ConnActor {
@@ -98,7 +102,7 @@ impl Actor for ConnActor {
         svc.tell_user(&claims.user, user::Connected { conn: id }).await?;
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();
-        schedule_token_check(&me, claims.expires_at);
+        schedule_token_check(&me, claims.expires_at, 0);
         let limiter = RateLimiter::new(svc.config.rate_per_sec, svc.config.rate_burst);
         Ok(ConnActor {
             svc,
@@ -109,6 +113,7 @@ impl Actor for ConnActor {
             subscriptions: HashSet::new(),
             watching: HashSet::new(),
             last_activity_report: Instant::now(),
+            token_generation: 0,
         })
     }
 
@@ -130,9 +135,9 @@ impl Actor for ConnActor {
     }
 }
 
-fn schedule_token_check(me: &ActorRef<ConnActor>, expires_at: i64) {
+fn schedule_token_check(me: &ActorRef<ConnActor>, expires_at: i64, generation: u64) {
     let wait = Duration::from_millis((expires_at - now_ms()).max(0) as u64);
-    let _ = me.tell(TokenCheck).send_after(wait);
+    drop(me.tell(TokenCheck { generation }).send_after(wait));
 }
 
 fn to_value<T: Serialize>(v: &T) -> Value {
@@ -143,7 +148,21 @@ fn to_value<T: Serialize>(v: &T) -> Value {
 pub fn direct_room_id(a: &str, b: &str) -> String {
     let (x, y) = if a <= b { (a, b) } else { (b, a) };
     // The length prefix keeps ids containing ':' from colliding.
-    format!("dm:{}:{x}:{y}", x.len())
+    format!("{DIRECT_ROOM_PREFIX}{}:{x}:{y}", x.len())
+}
+
+/// Room ids with this prefix belong to direct rooms. Other rooms may not take
+/// them: a group room squatting `dm:5:alice:bob` would make the direct room of
+/// alice and bob impossible to create, and put a stranger in charge of it.
+pub const DIRECT_ROOM_PREFIX: &str = "dm:";
+
+/// Refuses an id from the direct-room namespace for a group or public room.
+pub fn check_not_direct_id(room: &str) -> Result<(), Fail> {
+    if room.starts_with(DIRECT_ROOM_PREFIX) {
+        Err(Fail::new(ErrorCode::InvalidValue, format!("room ids starting with `{DIRECT_ROOM_PREFIX}` are reserved for direct rooms")))
+    } else {
+        Ok(())
+    }
 }
 
 impl ConnActor {
@@ -217,7 +236,7 @@ impl ConnActor {
                     return Some(Err(Fail::new(ErrorCode::WrongRoomKind, "use room.direct for direct rooms")));
                 }
                 let room_id = a.room.unwrap_or_else(|| format!("r{}", new_epoch()));
-                let key = match self.check_room(&room_id) {
+                let key = match self.check_room(&room_id).and_then(|k| check_not_direct_id(&room_id).map(|_| k)) {
                     Ok(k) => k,
                     Err(f) => return Some(Err(f)),
                 };
@@ -454,6 +473,7 @@ impl ConnActor {
         }
         let expires_at = claims.expires_at;
         self.claims = claims;
+        self.token_generation += 1;
         Ok(json!({"expires_at": expires_at}))
     }
 
@@ -558,11 +578,13 @@ fn truncate(s: &str) -> String {
 pub struct Inbound(pub RawRequest);
 
 /// Re-checks the token's expiry.
-struct TokenCheck;
+struct TokenCheck {
+    generation: u64,
+}
 
 impl Message<Inbound> for ConnActor {
     type Reply = ();
-    async fn handle(&mut self, Inbound(req): Inbound, _: &mut Context<Self, ()>) {
+    async fn handle(&mut self, Inbound(req): Inbound, ctx: &mut Context<Self, ()>) {
         if !self.limiter.allow() {
             self.reply(req.id, Err(Fail::new(ErrorCode::RateLimited, "too many requests, slow down")));
             if self.limiter.rejected_in_a_row > self.svc.config.rate_burst.max(10) {
@@ -578,8 +600,12 @@ impl Message<Inbound> for ConnActor {
         match Request::parse(&req.op, req.args) {
             Err(e) => self.reply(req.id, Err(e.into())),
             Ok(r) => {
+                let generation = self.token_generation;
                 if let Some(result) = self.dispatch(req.id, r).await {
                     self.reply(req.id, result);
+                }
+                if self.token_generation != generation {
+                    schedule_token_check(ctx.actor_ref(), self.claims.expires_at, self.token_generation);
                 }
             }
         }
@@ -588,12 +614,16 @@ impl Message<Inbound> for ConnActor {
 
 impl Message<TokenCheck> for ConnActor {
     type Reply = ();
-    async fn handle(&mut self, _: TokenCheck, ctx: &mut Context<Self, ()>) {
+    async fn handle(&mut self, m: TokenCheck, ctx: &mut Context<Self, ()>) {
+        if m.generation != self.token_generation {
+            // Scheduled for a token that has since been replaced; the newer one has its own check.
+            return;
+        }
         if self.claims.expires_at <= now_ms() {
             self.svc.metrics.error(ErrorCode::TokenExpired);
             self.sink.close(close::TOKEN_EXPIRED, "token expired");
         } else {
-            schedule_token_check(ctx.actor_ref(), self.claims.expires_at);
+            schedule_token_check(ctx.actor_ref(), self.claims.expires_at, self.token_generation);
         }
     }
 }
@@ -606,6 +636,8 @@ mod tests {
     fn direct_room_ids_are_symmetric_and_unambiguous() {
         assert_eq!(direct_room_id("bob", "alice"), direct_room_id("alice", "bob"));
         assert_ne!(direct_room_id("a:b", "c"), direct_room_id("a", "b:c"));
+        assert!(check_not_direct_id(&direct_room_id("a", "b")).is_err());
+        assert!(check_not_direct_id("team").is_ok());
     }
 
     #[test]

@@ -106,7 +106,7 @@ impl Actor for RoomActor {
         };
         svc.metrics.active_rooms.inc();
         let passivate_after = svc.config.passivate_after;
-        let _ = actor_ref.tell(IdleCheck).send_after(passivate_after.min(Duration::from_secs(1)));
+        drop(actor_ref.tell(IdleCheck).send_after(passivate_after.min(Duration::from_secs(1))));
         Ok(RoomActor {
             svc,
             key,
@@ -872,10 +872,8 @@ impl Message<Publish> for RoomActor {
     type Reply = ();
     async fn handle(&mut self, m: Publish, _: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
-        if let Err(f) = self.publish(m).await {
-            // `publish` has already replied when it returns Ok.
-            let _ = f;
-        }
+        // `publish` has replied itself, on failure as on success.
+        let _ = self.publish(m).await;
     }
 }
 
@@ -1038,7 +1036,7 @@ impl Message<Typing> for RoomActor {
         }
         if !self.typing_timer {
             self.typing_timer = true;
-            let _ = ctx.actor_ref().tell(TypingExpire).send_after(self.svc.config.typing_ttl);
+            drop(ctx.actor_ref().tell(TypingExpire).send_after(self.svc.config.typing_ttl));
         }
     }
 }
@@ -1064,7 +1062,7 @@ impl Message<TypingExpire> for RoomActor {
         self.typing_timer = false;
         if let Some(next) = self.typing.values().min() {
             self.typing_timer = true;
-            let _ = ctx.actor_ref().tell(TypingExpire).send_after(next.saturating_duration_since(now));
+            drop(ctx.actor_ref().tell(TypingExpire).send_after(next.saturating_duration_since(now)));
         }
     }
 }
@@ -1127,7 +1125,7 @@ impl Message<IdleCheck> for RoomActor {
         if idle {
             self.svc.passivate_room(&self.key, ctx.actor_ref());
         } else {
-            let _ = ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after);
+            drop(ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after));
         }
     }
 }

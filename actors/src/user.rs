@@ -62,7 +62,7 @@ impl Actor for UserActor {
         let last_seen = svc.store.last_seen(&user).await?;
         let prefs = svc.store.get_prefs(&user).await?.unwrap_or_default();
         svc.metrics.active_users.inc();
-        let _ = me.tell(IdleCheck).send_after(svc.config.passivate_after);
+        drop(me.tell(IdleCheck).send_after(svc.config.passivate_after));
         Ok(UserActor {
             svc,
             user,
@@ -161,7 +161,7 @@ impl UserActor {
         if let Some(at) = next {
             if self.idle_timer_at.is_none_or(|cur| at < cur) {
                 self.idle_timer_at = Some(at);
-                let _ = me.tell(IdleTick).send_after(at.saturating_duration_since(Instant::now()));
+                drop(me.tell(IdleTick).send_after(at.saturating_duration_since(Instant::now())));
             }
         }
     }
@@ -377,7 +377,7 @@ impl Message<Notify> for UserActor {
             self.flush().await;
         } else if !self.flush_scheduled {
             self.flush_scheduled = true;
-            let _ = ctx.actor_ref().tell(FlushNotifications).send_after(self.svc.config.notify_coalesce);
+            drop(ctx.actor_ref().tell(FlushNotifications).send_after(self.svc.config.notify_coalesce));
         }
     }
 }
@@ -437,7 +437,7 @@ impl Message<IdleCheck> for UserActor {
         if idle {
             self.svc.passivate_user(&self.user, ctx.actor_ref());
         } else {
-            let _ = ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after);
+            drop(ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after));
         }
     }
 }

@@ -236,8 +236,11 @@ async fn handshake(
 ) -> Result<Ws, ConnectError> {
     let socket = TcpSocket::new_v4()?;
     if let Some(src) = source {
-        // A port of this source may still be in TIME_WAIT from a previous run.
-        socket.set_reuseaddr(true)?;
+        // Let connect() choose the port knowing the whole 4-tuple: a source
+        // port may then serve several destinations, and no port search runs
+        // at bind() time (which costs seconds of kernel time per thousand
+        // connections once earlier runs left ports in TIME_WAIT).
+        bind_address_no_port(&socket)?;
         socket.bind(SocketAddr::new(src, 0))?;
     }
     socket.set_nodelay(true)?;
@@ -258,14 +261,42 @@ async fn handshake(
     }
 }
 
+fn bind_address_no_port(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd, and a pointer to a c_int with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 async fn read_loop<H: PushHandler>(conn: Arc<Conn>, mut stream: SplitStream<Ws>, mut handler: H) {
     let mut close_code = None;
     let end = loop {
         match stream.next().await {
             Some(Ok(Message::Text(t))) => conn.dispatch(t.as_bytes(), &mut handler),
             Some(Ok(Message::Binary(b))) => conn.dispatch(&b, &mut handler),
-            // Keep reading: tungstenite answers the close, then the stream ends.
-            Some(Ok(Message::Close(frame))) => close_code = frame.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Close(frame))) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                // Our close was answered: the closing handshake is complete, and
+                // waiting for the server to drop TCP too only slows a run's end.
+                if conn.closing.load(Ordering::Acquire) {
+                    break End::Closed(close_code);
+                }
+                // The server's close: keep reading while tungstenite answers it,
+                // then the stream ends.
+            }
             Some(Ok(_)) => {}
             Some(Err(WsError::ConnectionClosed)) | None => match close_code {
                 Some(_) => break End::Closed(close_code),

@@ -11,7 +11,9 @@ use anyhow::{bail, ensure, Context as _};
 
 use crate::auth::Tokens;
 use crate::cli::RunSpec;
-use crate::report::{baseline_ratios, ClientCpu, Phases, Report, ServerSample, REPORT_FORMAT};
+use crate::report::{
+    baseline_ratios, ClientCpu, MachineSample, Phases, Report, ServerSample, REPORT_FORMAT,
+};
 use crate::scenarios::{self, Window};
 use crate::spawn::Spawned;
 use crate::stats::{Counter, Merged};
@@ -51,7 +53,16 @@ pub async fn run(spec: RunSpec, opts: &RunOptions) -> anyhow::Result<Report> {
     let run_id = new_run_id();
     let mut main_spec = spec.clone();
     let spawned = if let Some(bin) = &spec.common.spawn_node {
-        Some(Spawned::node(bin, spec.common.node_config.as_deref(), &spec.common.jwt_secret, &spec.common.api_key, &run_id).await?)
+        Some(
+            Spawned::node(
+                bin,
+                spec.common.node_config.as_deref(),
+                &spec.common.jwt_secret,
+                &spec.common.api_key,
+                &run_id,
+            )
+            .await?,
+        )
     } else if spec.common.spawn_baseline {
         ensure!(
             spec.scenario.supports_baseline(),
@@ -202,10 +213,15 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
         }
         let go_at = Instant::now();
         let go_ns = sys::now_ns();
+        let machine_go = sys::machine_busy_secs();
         fleet.send_all(ToWorker::Go).await;
         let run_end = hard_end.min(go_at + spec.scenario.run_bound(c));
         let ran = wait_phase(&mut fleet, Phase::Run, run_end, &mut progress).await?;
         let run_secs = go_at.elapsed().as_secs_f64();
+        let machine_busy = match (machine_go, sys::machine_busy_secs()) {
+            (Some(a), Some(b)) if run_secs > 0.0 => (b - a).max(0.0) / run_secs,
+            _ => 0.0,
+        };
         phase_secs.run = run_secs;
         if let Some(p) = &mut probe {
             p.end(open_of(&progress.sum()), run_secs);
@@ -235,10 +251,10 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
         let drain_end = hard_end.min(drain_at + Duration::from_secs_f64(c.drain_secs + 120.0));
         let done = wait_phase(&mut fleet, Phase::Drain, drain_end, &mut progress).await?;
         phase_secs.drain = drain_at.elapsed().as_secs_f64();
-        anyhow::Ok((done, go_ns, run_secs, client_run_cpu))
+        anyhow::Ok((done, go_ns, run_secs, client_run_cpu, machine_busy))
     }
     .await;
-    let (done, go_ns, run_secs, client_run_cpu) = match outcome {
+    let (done, go_ns, run_secs, client_run_cpu, machine_busy) = match outcome {
         Ok(v) => {
             fleet.shutdown(false).await;
             v
@@ -296,6 +312,11 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
     report.throughput_per_sec = spec.scenario.throughput(&merged, window);
     report.errors = merged.errors.clone();
     let cores = sys::cores();
+    let client_run_cores = if run_secs > 0.0 {
+        client_run_cpu.total() / run_secs
+    } else {
+        0.0
+    };
     report.client_cpu = ClientCpu {
         user_s: merged.cpu.user_s,
         sys_s: merged.cpu.sys_s,
@@ -304,10 +325,19 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
         } else {
             0.0
         },
+        cores_used_run: client_run_cores,
         cores,
         processes: merged.process_cpu.len(),
     };
     report.server = probe.map(|p| p.sample);
+    report.machine = MachineSample {
+        cores,
+        busy_cores_run: machine_busy,
+        other_cores_run: report
+            .server
+            .as_ref()
+            .map(|s| (machine_busy - client_run_cores - s.cores_used_run).max(0.0)),
+    };
     warnings.extend(bottleneck_warnings(
         &merged,
         &report,
@@ -361,6 +391,22 @@ fn bottleneck_warnings(
             w.push(format!(
                 "harness process {i} was CPU-saturated ({:.2} cores)",
                 p.total() / wall_secs
+            ));
+        }
+    }
+    let m = &report.machine;
+    if run_secs >= 0.5 && m.busy_cores_run >= 0.9 * cores as f64 {
+        w.push(format!(
+            "the machine was saturated during the load ({:.2} of {cores} cores busy): latency includes \
+             waiting for a core",
+            m.busy_cores_run
+        ));
+    }
+    if let Some(other) = m.other_cores_run {
+        if run_secs >= 0.5 && other >= 0.25 {
+            w.push(format!(
+                "{other:.2} cores were busy with neither the harness nor the server (other processes, or \
+                 kernel network work): the figures are disturbed unless that is loopback traffic"
             ));
         }
     }

@@ -47,6 +47,8 @@ pub struct ClientCpu {
     pub sys_s: f64,
     /// CPU seconds per wall second, over the whole run.
     pub cores_used: f64,
+    /// The same during the load phase only.
+    pub cores_used_run: f64,
     /// Cores on this machine.
     pub cores: usize,
     pub processes: usize,
@@ -93,6 +95,19 @@ pub struct Phases {
     pub drain: f64,
 }
 
+/// The whole machine during the load phase (it is shared by harness, server
+/// and whatever else runs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineSample {
+    pub cores: usize,
+    /// Busy cores, all processes and the kernel's network work included.
+    pub busy_cores_run: f64,
+    /// Busy cores charged neither to the harness nor to the server (when its
+    /// pid is known): other processes, and kernel work on their behalf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_cores_run: Option<f64>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub format: u32,
@@ -116,6 +131,8 @@ pub struct Report {
     pub client_cpu: ClientCpu,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerSample>,
+    #[serde(default)]
+    pub machine: MachineSample,
     pub warnings: Vec<String>,
     /// The same scenario against the bundled baseline server, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +176,11 @@ impl Report {
             out.insert(format!("throughput_per_sec.{k}"), *v);
         }
         out.insert("client_cpu.cores_used".into(), self.client_cpu.cores_used);
+        out.insert(
+            "client_cpu.cores_used_run".into(),
+            self.client_cpu.cores_used_run,
+        );
+        out.insert("machine.busy_cores_run".into(), self.machine.busy_cores_run);
         out.insert(
             "client_cpu.total_s".into(),
             self.client_cpu.user_s + self.client_cpu.sys_s,
@@ -230,8 +252,18 @@ impl Report {
         let c = &self.client_cpu;
         let _ = writeln!(
             s,
-            "  client cpu: {:.1} s user + {:.1} s sys = {:.2} of {} cores, {} process(es)",
-            c.user_s, c.sys_s, c.cores_used, c.cores, c.processes
+            "  client cpu: {:.1} s user + {:.1} s sys = {:.2} of {} cores over the run, {:.2} during the load; {} process(es)",
+            c.user_s, c.sys_s, c.cores_used, c.cores, c.cores_used_run, c.processes
+        );
+        let m = &self.machine;
+        let other = m
+            .other_cores_run
+            .map(|o| format!(", {o:.2} not the harness's nor the server's"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "  machine during the load: {:.2} of {} cores busy{other}",
+            m.busy_cores_run, m.cores
         );
         if let Some(sv) = &self.server {
             let per = sv

@@ -28,6 +28,7 @@ impl Spawned {
     /// harness's key and API key in the environment.
     pub async fn node(
         bin: &Path,
+        config: Option<&Path>,
         jwt_secret: &str,
         api_key: &str,
         run_id: &str,
@@ -39,13 +40,16 @@ impl Spawned {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
-        cmd
-            .arg("--listen")
+        cmd.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&dir)
             .env("CHORUS_AUTH_JWT_SECRET", jwt_secret)
             .env("CHORUS_AUTH_API_KEY", api_key);
+        // The node's info lines would bury the progress line; warnings still show.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
         let mut s = Spawned::start(cmd, &bin.display().to_string()).await?;
         s.data_dir = Some(dir);
         Ok(s)

@@ -102,6 +102,29 @@ fn parse_stat_cpu(stat: &str, ticks_per_sec: f64) -> Option<CpuTimes> {
     })
 }
 
+/// CPU seconds this machine's cores spent busy (user, nice, system, irq,
+/// softirq, steal) since boot, from the first line of /proc/stat. Busy time
+/// that no process is charged with (network softirqs) shows here.
+pub fn machine_busy_secs() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    parse_proc_stat_busy(&text, if ticks > 0 { ticks as f64 } else { 100.0 })
+}
+
+fn parse_proc_stat_busy(stat: &str, ticks_per_sec: f64) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let busy =
+        f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7).unwrap_or(&0.0);
+    Some(busy / ticks_per_sec)
+}
+
 /// Wall-clock nanoseconds since the Unix epoch: comparable between processes on this machine.
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -154,6 +177,7 @@ mod tests {
         let pid = std::process::id();
         assert!(rss_kib(pid).unwrap() > 0);
         assert!(process_cpu(pid).is_some());
+        assert!(machine_busy_secs().unwrap() > 0.0);
         let mut x = 0u64;
         for i in 0..2_000_000u64 {
             x = x.wrapping_mul(31).wrapping_add(i);

@@ -368,8 +368,14 @@ mod tests {
         }
         d.observe("room:b", 2);
         d.channel("room:c").set_start(4);
-        d.set_heads(&std::collections::BTreeMap::from([("room:a".to_string(), 3), ("room:b".to_string(), 2)]));
-        assert!(d.reached_heads(), "room:c had no head: nothing is expected of it");
+        d.set_heads(&std::collections::BTreeMap::from([
+            ("room:a".to_string(), 3),
+            ("room:b".to_string(), 2),
+        ]));
+        assert!(
+            d.reached_heads(),
+            "room:c had no head: nothing is expected of it"
+        );
         let o = d.outcome();
         assert_eq!((o.expected, o.delivered, o.lost), (5, 4, 1));
     }

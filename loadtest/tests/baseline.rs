@@ -33,7 +33,9 @@ async fn run(b: &Baseline, scenario: Scenario, workers: usize) -> Report {
         exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_chorus-loadtest"))),
         progress: false,
     };
-    let r = chorus_loadtest::run(RunSpec { common, scenario }, &opts).await.unwrap();
+    let r = chorus_loadtest::run(RunSpec { common, scenario }, &opts)
+        .await
+        .unwrap();
     println!("{}", r.summary());
     r
 }
@@ -65,7 +67,13 @@ async fn fanout_through_the_baseline_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_through_the_baseline_answer_pings() {
     let b = start().await;
-    let args = IdleArgs { connections: 25, users: None, rate: 0.0, hold_secs: 0.5, ping_secs: 0.2 };
+    let args = IdleArgs {
+        connections: 25,
+        users: None,
+        rate: 0.0,
+        hold_secs: 0.5,
+        ping_secs: 0.2,
+    };
     let r = run(&b, Scenario::Idle(args), 1).await;
     assert_eq!(r.counts["stayed_up"], 25);
     assert!(r.counts["pongs"] > 0);

@@ -101,6 +101,36 @@ fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// A body the JSON extractor refused, as the documented `{"error": …}` body.
+/// Extractors run before a handler: the key is checked here first, so a
+/// caller without it gets 401, not a description of what it sent.
+pub fn json_error(err: actix_web::error::JsonPayloadError, req: &HttpRequest) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as E;
+    let f = match &err {
+        E::OverflowKnownLength { .. } | E::Overflow { .. } => Fail::new(ErrorCode::FrameTooLarge, err.to_string()),
+        E::ContentType => Fail::new(ErrorCode::MalformedFrame, "send `content-type: application/json`"),
+        E::Deserialize(e) if e.is_data() => Fail::new(ErrorCode::InvalidArgs, e.to_string()),
+        E::Deserialize(e) => Fail::new(ErrorCode::MalformedFrame, format!("the body is not JSON: {e}")),
+        _ => Fail::new(ErrorCode::MalformedFrame, "the body could not be read"),
+    };
+    extractor_error(req, f)
+}
+
+/// A query string the extractor refused (say, `?limit=ten`), like [`json_error`].
+pub fn query_error(err: actix_web::error::QueryPayloadError, req: &HttpRequest) -> actix_web::Error {
+    extractor_error(req, Fail::new(ErrorCode::InvalidArgs, format!("query string: {err}")))
+}
+
+fn extractor_error(req: &HttpRequest, f: Fail) -> actix_web::Error {
+    if let Some(state) = req.app_data::<web::Data<AppState>>() {
+        if let Err(e) = check_key(req, state) {
+            return e.into();
+        }
+        state.services.metrics.error(f.code);
+    }
+    fail(f).into()
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     fail(Fail::new(ErrorCode::InvalidValue, msg))
 }
@@ -154,9 +184,15 @@ async fn create_room(req: HttpRequest, state: web::Data<AppState>, body: web::Js
             let [other] = b.members.as_slice() else {
                 return Err(bad("a direct room has `created_by` and exactly one other member"));
             };
+            if *other == b.created_by {
+                return Err(bad("a direct room needs two different users"));
+            }
             chorus_actors::conn::direct_room_id(&b.created_by, other)
         }
-        (_, Some(id)) => id,
+        (_, Some(id)) => {
+            chorus_actors::conn::check_not_direct_id(&id).map_err(fail)?;
+            id
+        }
         (_, None) => format!("r{}", chorus_actors::room::new_epoch()),
     };
     check_id("room", &id)?;
@@ -325,7 +361,9 @@ async fn notify(req: HttpRequest, state: web::Data<AppState>, body: web::Json<No
     if b.title.len() > 1024 || b.kind.is_empty() || b.kind.len() > 128 {
         return Err(bad("`type` must be 1..=128 bytes and `title` at most 1024"));
     }
-    let expires_at: Option<Millis> = b.ttl_ms.map(|t| now_ms() + t as i64);
+    // Saturating: a huge `ttl_ms` means "practically never", not an overflow
+    // (a panic in debug builds, an expiry in the past in release builds).
+    let expires_at: Option<Millis> = b.ttl_ms.map(|t| now_ms().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
     let spec = NotifySpec { kind: b.kind, title: b.title, body: b.body, data: b.data, priority: b.priority, category: b.category, room: b.room, expires_at };
     let mut waits = Vec::with_capacity(users.len());
     for u in &users {

@@ -459,8 +459,7 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_algorithms = vec!["RS256".into()];
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.version = 2;
+        let c = Config { version: 2, ..Config::default() };
         assert!(c.validate().is_err());
     }
 }

@@ -95,7 +95,8 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(web::JsonConfig::default().limit(json_limit))
+            .app_data(web::JsonConfig::default().limit(json_limit).error_handler(api::json_error))
+            .app_data(web::QueryConfig::default().error_handler(api::query_error))
             .route("/ws", web::get().to(ws::handshake))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))

@@ -36,7 +36,9 @@ const CONN_MAILBOX: usize = 64;
 /// The token from `Authorization: Bearer …` or `?token=…`.
 fn token(req: &HttpRequest) -> Option<String> {
     if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        if let Some(t) = h.to_str().ok().and_then(|s| s.strip_prefix("Bearer ")) {
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is as good as `Bearer`.
+        let bearer = h.to_str().ok().and_then(|s| s.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+        if let Some((_, t)) = bearer {
             return Some(t.trim().to_string());
         }
     }

@@ -21,6 +21,9 @@ pub const SUBPROTOCOL_JSON: &str = "chorus.v1.json";
 pub const SUBPROTOCOL_MSGPACK: &str = "chorus.v1.msgpack";
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// Deepest nesting of arrays and maps a decoded document may have, in either
+/// encoding (the limit serde_json applies to JSON).
+pub const MAX_DEPTH: usize = 128;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Encoding {
@@ -56,10 +59,18 @@ impl Encoding {
     }
 
     /// Deserializes any value from this encoding.
+    ///
+    /// Nesting is limited to [`MAX_DEPTH`] in both encodings (serde_json's own
+    /// limit), so both accept the same documents and a small frame of deeply
+    /// nested arrays cannot exhaust the decoding thread's stack.
     pub fn decode<T: for<'de> Deserialize<'de>>(self, bytes: &[u8]) -> Result<T, CodecError> {
         match self {
             Encoding::Json => serde_json::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
-            Encoding::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| CodecError(e.to_string())),
+            Encoding::MsgPack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+                de.set_max_depth(MAX_DEPTH);
+                T::deserialize(&mut de).map_err(|e| CodecError(e.to_string()))
+            }
         }
     }
 }
@@ -221,6 +232,28 @@ mod tests {
                 assert_eq!(back, f, "{enc:?}");
             }
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_in_both_encodings() {
+        let mut deep = serde_json::json!(null);
+        for _ in 0..200 {
+            deep = serde_json::json!([deep]);
+        }
+        let json = format!("{{\"id\":1,\"op\":\"ping\",\"args\":{}}}", serde_json::to_string(&deep).unwrap());
+        assert!(Encoding::Json.decode::<RawRequest>(json.as_bytes()).is_err());
+        // Built by hand: encoding a 200-deep value would itself recurse.
+        let mut msgpack = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
+        msgpack.extend([0xa4, b'a', b'r', b'g', b's']);
+        msgpack.extend(std::iter::repeat_n(0x91, 100_000));
+        msgpack.push(0xc0);
+        assert!(Encoding::MsgPack.decode::<RawRequest>(&msgpack).is_err());
+        // Shallow documents still decode.
+        let mut ok = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
+        ok.extend([0xa4, b'a', b'r', b'g', b's']);
+        ok.extend(std::iter::repeat_n(0x91, 100));
+        ok.push(0xc0);
+        assert_eq!(Encoding::MsgPack.decode::<RawRequest>(&ok).unwrap().op, "ping");
     }
 
     #[test]

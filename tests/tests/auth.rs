@@ -15,12 +15,15 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
 
 both_encodings!(
     each_handshake_rejection_has_its_code,
     token_in_the_query_string,
     es256_and_rs256_with_a_public_key_file,
     refresh_keeps_the_connection_and_expiry_closes_it,
+    refresh_to_a_shorter_token_expires_sooner,
+    subprotocol_negotiation,
 );
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -231,6 +234,17 @@ async fn token_in_the_query_string(enc: Encoding) {
     c.alive().await;
     let q = c.ok("presence.query", json!({"users": ["alice"]})).await;
     assert_eq!(q["users"][0]["devices"], 1, "connected as the token's user");
+    // The header's scheme is case-insensitive (RFC 9110), as clients vary.
+    for scheme in ["bearer", "BEARER"] {
+        let mut req = request(&node.ws_url(), enc);
+        let value = format!("{scheme} {}", node.token("alice"));
+        req.headers_mut()
+            .insert("authorization", HeaderValue::from_str(&value).unwrap());
+        let mut c = Client::connect_request(req, enc)
+            .await
+            .unwrap_or_else(|r| panic!("{scheme}: {r:?}"));
+        c.alive().await;
+    }
     let bad = format!(
         "{}?token={}",
         node.ws_url(),
@@ -367,6 +381,90 @@ async fn refresh_keeps_the_connection_and_expiry_closes_it(enc: Encoding) {
             >= 2.0,
         "{m}"
     );
+}
+
+async fn refresh_to_a_shorter_token_expires_sooner(enc: Encoding) {
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    // The connection's token is good for an hour; the refreshed one for 2 s.
+    let short = node.token_with("alice", Duration::from_secs(2), None);
+    let started = Instant::now();
+    alice.ok("auth.refresh", json!({"token": short})).await;
+    let (code, reason) = alice.closed_by_server().await;
+    assert_eq!(code, 4001, "{reason}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed {:?} after the refresh",
+        started.elapsed()
+    );
+}
+
+async fn subprotocol_negotiation(enc: Encoding) {
+    let node = TestNode::start().await;
+    // The first subprotocol offered that the node speaks wins, and is echoed.
+    for (offer, chosen) in [
+        (format!("chorus.v9.xml, {}", enc.subprotocol()), enc),
+        (
+            format!("{}, {}", enc.subprotocol(), other(enc).subprotocol()),
+            enc,
+        ),
+    ] {
+        let mut req = request(
+            &format!("{}?token={}", node.ws_url(), node.token("alice")),
+            enc,
+        );
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&offer).unwrap(),
+        );
+        let (mut ws, resp) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("handshake");
+        let echoed = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(
+            echoed.as_deref(),
+            Some(chosen.subprotocol()),
+            "offered {offer}"
+        );
+        use futures_util::{SinkExt, StreamExt};
+        let ping = chosen.encode(&json!({"id": 1, "op": "ping"})).unwrap();
+        let msg = match chosen {
+            Encoding::Json => Message::Text(String::from_utf8(ping).unwrap().into()),
+            Encoding::MsgPack => Message::Binary(ping.into()),
+        };
+        ws.send(msg).await.unwrap();
+        let reply = loop {
+            match tokio::time::timeout(chorus_tests::WAIT, ws.next())
+                .await
+                .expect("reply")
+                .expect("open")
+                .expect("frame")
+            {
+                Message::Text(t) if chosen == Encoding::Json => {
+                    break serde_json::from_str::<Value>(&t).unwrap()
+                }
+                Message::Binary(b) if chosen == Encoding::MsgPack => {
+                    break rmp_serde::from_slice::<Value>(&b).unwrap()
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("a frame of the wrong kind for {chosen:?}: {other:?}"),
+            }
+        };
+        assert_eq!(reply["id"], 1);
+        assert!(reply["ok"]["pong"].is_i64(), "{reply}");
+    }
+    // No subprotocol at all: JSON.
+    let url = format!("{}?token={}", node.ws_url(), node.token("alice"));
+    let (_, resp) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .expect("handshake");
+    assert!(resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .is_none_or(|v| v == "chorus.v1.json"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,28 @@ async fn assert_exactly(observer: &mut Client, room: &str, acked: &[(u64, String
     assert_eq!(messages, acked);
 }
 
+/// `{"id": 1, "op": "ping", "args": [[[…]]]}` nested `depth` deep, encoded by hand
+/// (a serializer would recurse as deep).
+fn deeply_nested(enc: Encoding, depth: usize) -> Vec<u8> {
+    match enc {
+        Encoding::Json => format!(
+            "{{\"id\":1,\"op\":\"ping\",\"args\":{}{}}}",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+        .into_bytes(),
+        Encoding::MsgPack => {
+            let mut b = vec![
+                0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
+            ];
+            b.extend([0xa4, b'a', b'r', b'g', b's']);
+            b.extend(std::iter::repeat_n(0x91, depth));
+            b.push(0xc0);
+            b
+        }
+    }
+}
+
 async fn node_is_up(node: &TestNode) {
     let (status, _) = node.api("GET", "/healthz", None).await;
     assert_eq!(status, 200);
@@ -91,6 +113,16 @@ async fn malformed_and_invalid_requests_get_their_codes(enc: Encoding) {
         .send_bytes(enc.encode(&json!([1, 2, 3])).unwrap())
         .await;
     assert_eq!(alice.reply(0).await.unwrap_err().code.code(), 1001);
+    // Deeply nested arguments (30 000 levels, under 64 KiB) are refused
+    // without exhausting the reader's stack.
+    alice.send_bytes(deeply_nested(enc, 30_000)).await;
+    assert_eq!(alice.reply(0).await.unwrap_err().code.code(), 1001);
+    // Nesting that both encodings accept still works.
+    let mut nested = json!("leaf");
+    for _ in 0..100 {
+        nested = json!([nested]);
+    }
+    alice.ok("ping", nested).await;
     acked.push((
         send(&mut alice, "safe", "between").await,
         "between".to_string(),
@@ -175,7 +207,7 @@ async fn malformed_and_invalid_requests_get_their_codes(enc: Encoding) {
     let m = node.metrics().await;
     assert_eq!(
         metric(&m, r#"chorus_errors_total{code="malformed_frame"}"#),
-        Some(3.0),
+        Some(4.0),
         "{m}"
     );
     assert_eq!(
@@ -453,4 +485,75 @@ async fn slow_consumer_is_closed_others_keep_receiving(enc: Encoding) {
         stored.len(),
         acked.len()
     );
+}
+
+/// The server API answers bad bodies and query strings with the same
+/// documented error bodies, and checks the key before looking at the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_api_bad_input_gets_codes() {
+    let node = TestNode::start().await;
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", node.addr);
+    let post = |body: String, key: Option<&'static str>| {
+        let mut req = http
+            .post(url("/api/v1/notifications"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        async move {
+            let resp = req.send().await.expect("api");
+            let status = resp.status().as_u16();
+            let v: serde_json::Value = resp.json().await.expect("an error body in JSON");
+            (status, v["error"]["code"].as_u64(), v)
+        }
+    };
+    let key = Some(chorus_tests::API_KEY);
+    let (status, code, v) = post("not json".into(), key).await;
+    assert_eq!((status, code), (400, Some(1001)), "{v}");
+    let (status, code, v) = post(r#"{"user": "a"}"#.into(), key).await;
+    assert_eq!((status, code), (400, Some(1003)), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("type"),
+        "names the field: {v}"
+    );
+    let (status, code, _) = post(
+        r#"{"user": "a", "type": "t", "title": "x", "priority": "meh"}"#.into(),
+        key,
+    )
+    .await;
+    assert_eq!((status, code), (400, Some(1003)));
+    let big = format!(
+        r#"{{"user": "a", "type": "t", "title": "x", "body": "{}"}}"#,
+        "x".repeat(1_100_000)
+    );
+    let (status, code, _) = post(big, key).await;
+    assert_eq!((status, code), (413, Some(1004)));
+    // Without the key, the body is not even looked at.
+    let (status, code, _) = post("not json".into(), None).await;
+    assert_eq!((status, code), (401, Some(2008)));
+    let (status, code, _) = post(r#"{"user": "a"}"#.into(), Some("wrong-key-123456")).await;
+    assert_eq!((status, code), (401, Some(2008)));
+
+    let resp = http
+        .get(url("/api/v1/rooms/r/messages?limit=ten"))
+        .header("x-api-key", chorus_tests::API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], 1003);
+    let resp = http
+        .post(url("/api/v1/notifications"))
+        .header("x-api-key", chorus_tests::API_KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400, "no content type");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], 1001);
+    node_is_up(&node).await;
 }

@@ -18,6 +18,8 @@ both_encodings!(
     history_paging,
     typing_appears_and_expires,
     receipts_and_unread_counts,
+    server_api_manages_rooms,
+    direct_room_ids_cannot_be_squatted,
 );
 
 const NOT_MEMBER: u16 = 3003;
@@ -467,6 +469,15 @@ async fn messages_attachments_and_threads(enc: Encoding) {
         .await,
         3005
     );
+    // Threads hang off messages, not off other entries (offset 1 is alice's join).
+    assert_eq!(
+        bob.err(
+            "room.send",
+            json!({"room": "g", "text": "?", "reply_to": 1})
+        )
+        .await,
+        3005
+    );
 
     // Limits and unknown rooms.
     let long = "x".repeat(16 * 1024 + 1);
@@ -880,4 +891,164 @@ async fn receipts_and_unread_counts(enc: Encoding) {
     assert_eq!(r, json!({"room": "r", "offset": 6, "unread": 2}));
     let r = bob.ok("room.read", json!({"room": "r", "offset": 8})).await;
     assert_eq!(r, json!({"room": "r", "offset": 8, "unread": 1}));
+}
+
+async fn server_api_manages_rooms(enc: Encoding) {
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    let mut carol = node.connect("carol", other(enc)).await;
+
+    let (status, info) = node.api("POST", "/api/v1/rooms", Some(json!({"room": "ops", "kind": "group", "name": "Ops", "created_by": "alice", "members": ["bob"]}))).await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(
+        (
+            info["id"].as_str(),
+            info["kind"].as_str(),
+            info["created_by"].as_str()
+        ),
+        (Some("ops"), Some("group"), Some("alice"))
+    );
+    let (status, v) = node
+        .api(
+            "POST",
+            "/api/v1/rooms",
+            Some(json!({"room": "ops", "kind": "group", "created_by": "bob"})),
+        )
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (409, Some(3004)));
+    let (status, v) = node.api("GET", "/api/v1/rooms/ops", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["room"], info);
+    assert_eq!(
+        members(&v),
+        vec![
+            ("alice".into(), "owner".into()),
+            ("bob".into(), "member".into())
+        ]
+    );
+
+    // Members added and removed by the server; the clients see it.
+    alice.ok("room.join", json!({"room": "ops"})).await;
+    assert_eq!(
+        carol.err("room.join", json!({"room": "ops"})).await,
+        NOT_MEMBER
+    );
+    let (status, v) = node
+        .api(
+            "POST",
+            "/api/v1/rooms/ops/members",
+            Some(json!({"user": "carol"})),
+        )
+        .await;
+    assert_eq!((status, v), (200, json!({"invited": "carol"})));
+    carol.ok("room.join", json!({"room": "ops"})).await;
+    let (status, v) = node
+        .api("DELETE", "/api/v1/rooms/ops/members/bob", None)
+        .await;
+    assert_eq!((status, v), (200, json!({"removed": "bob"})));
+    let p = alice
+        .push_where(|p| p.push == "entry" && p.data["kind"] == "left")
+        .await;
+    assert_eq!(
+        (p.data["sender"].as_str(), p.data["data"]["by"].as_str()),
+        (Some("bob"), Some("server"))
+    );
+    let (status, v) = node
+        .api("DELETE", "/api/v1/rooms/ops/members/bob", None)
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (403, Some(3003)));
+
+    // Posting as a user, or as nobody.
+    let (status, r) = node
+        .api(
+            "POST",
+            "/api/v1/rooms/ops/messages",
+            Some(json!({"sender": "alice", "text": "from the backend", "attachments": {"k": 1}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let p = carol
+        .push_where(|p| p.push == "entry" && p.offset == r["offset"].as_u64())
+        .await;
+    assert_eq!(
+        (p.data["sender"].as_str(), p.data["text"].as_str()),
+        (Some("alice"), Some("from the backend"))
+    );
+    assert_eq!(p.data["attachments"], json!({"k": 1}));
+    let (_, r) = node
+        .api(
+            "POST",
+            "/api/v1/rooms/ops/messages",
+            Some(json!({"text": "system notice"})),
+        )
+        .await;
+    let p = carol
+        .push_where(|p| p.push == "entry" && p.offset == r["offset"].as_u64())
+        .await;
+    assert!(p.data.get("sender").is_none_or(Value::is_null));
+    let (status, v) = node
+        .api(
+            "POST",
+            "/api/v1/rooms/nope/messages",
+            Some(json!({"text": "x"})),
+        )
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (404, Some(3002)));
+
+    // Direct rooms through the API are the same room the clients get.
+    let (status, dm) = node
+        .api(
+            "POST",
+            "/api/v1/rooms",
+            Some(json!({"kind": "direct", "created_by": "carol", "members": ["alice"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{dm}");
+    assert_eq!(alice.ok("room.direct", json!({"user": "carol"})).await, dm);
+    let (status, v) = node
+        .api(
+            "POST",
+            "/api/v1/rooms",
+            Some(json!({"kind": "direct", "created_by": "carol", "members": ["carol"]})),
+        )
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (400, Some(1007)));
+}
+
+async fn direct_room_ids_cannot_be_squatted(enc: Encoding) {
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    let mut mallory = node.connect("mallory", other(enc)).await;
+    // A group room may not take the id the direct room of alice and bob will have...
+    let squat = json!({"room": "dm:5:alice:bob", "kind": "group", "members": ["alice", "bob"]});
+    assert_eq!(mallory.err("room.create", squat).await, 1007);
+    assert_eq!(
+        mallory
+            .err("room.create", json!({"room": "dm:x", "kind": "public"}))
+            .await,
+        1007
+    );
+    let (status, v) = node
+        .api(
+            "POST",
+            "/api/v1/rooms",
+            Some(json!({"room": "dm:5:alice:bob", "kind": "public", "created_by": "mallory"})),
+        )
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (400, Some(1007)));
+    // ...so it stays theirs.
+    let dm = alice.ok("room.direct", json!({"user": "bob"})).await;
+    assert_eq!(
+        (dm["id"].as_str(), dm["kind"].as_str()),
+        (Some("dm:5:alice:bob"), Some("direct"))
+    );
+    assert_eq!(
+        mallory
+            .err("history", json!({"channel": "room:dm:5:alice:bob"}))
+            .await,
+        NOT_MEMBER
+    );
+    // Ids chosen by the server never collide with it.
+    let auto = alice.ok("room.create", json!({"kind": "group"})).await;
+    assert!(auto["id"].as_str().unwrap().starts_with('r'), "{auto}");
 }

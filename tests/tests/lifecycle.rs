@@ -16,6 +16,7 @@ both_encodings!(
     graceful_shutdown_closes_clients_with_1001,
     idle_actors_passivate_and_come_back,
     health_readiness_and_metrics,
+    silent_connections_are_closed_with_4004,
 );
 
 async fn send(c: &mut Client, room: &str, text: &str) -> u64 {
@@ -317,8 +318,11 @@ async fn graceful_shutdown_closes_clients_with_1001(enc: Encoding) {
         .await;
     a.ok("room.join", json!({"room": "s"})).await;
     b.ok("room.join", json!({"room": "s"})).await;
-    let (ready, _) = node.api("GET", "/readyz", None).await;
-    assert_eq!(ready, 200);
+    // A load balancer's probe, on a kept-alive connection.
+    let probe = reqwest::Client::new();
+    let readyz = format!("http://{}/readyz", node.addr);
+    let ready = probe.get(&readyz).send().await.expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
 
     // Sends in flight while the node shuts down: each is either acknowledged
     // (and then stored), refused as shutting_down, or unanswered.
@@ -331,6 +335,21 @@ async fn graceful_shutdown_closes_clients_with_1001(enc: Encoding) {
         ));
     }
     let stopping = tokio::spawn(node.stop());
+    // Readiness goes red first, so the balancer stops sending new clients.
+    eventually("/readyz to report 503", || {
+        let (probe, readyz) = (&probe, &readyz);
+        async move {
+            let status = probe
+                .get(readyz.as_str())
+                .send()
+                .await
+                .ok()?
+                .status()
+                .as_u16();
+            (status == 503).then_some(())
+        }
+    })
+    .await;
     for c in [&mut a, &mut b] {
         let (code, reason) = c.closed_by_server().await;
         assert_eq!(code, 1001, "{reason}");
@@ -515,4 +534,32 @@ async fn health_readiness_and_metrics(enc: Encoding) {
     .await;
     let m = node.metrics().await;
     assert_eq!(metric(&m, "chorus_connections_opened_total"), Some(2.0));
+}
+
+async fn silent_connections_are_closed_with_4004(enc: Encoding) {
+    let node = TestNode::start_with(test_dir(), |c| {
+        c.limits.ping_interval_ms = 100;
+        c.limits.idle_timeout_ms = 400;
+    })
+    .await;
+    let mut watcher = node.connect("watcher", enc).await;
+    watcher
+        .ok("presence.watch", json!({"users": ["silent"]}))
+        .await;
+    let mut silent = node.connect("silent", other(enc)).await;
+    silent.alive().await;
+    presence(&mut watcher, "online").await;
+    // The watcher keeps reading (and so answers the node's pings) while the
+    // other client reads nothing: only the silent one is closed.
+    presence(&mut watcher, "offline").await;
+    let (code, reason) = silent.closed_by_server().await;
+    assert_eq!(code, 4004, "{reason}");
+    watcher.alive().await;
+}
+
+async fn presence(c: &mut Client, status: &str) {
+    c.push_where(|p| {
+        p.push == "presence" && p.data["user"] == "silent" && p.data["status"] == status
+    })
+    .await;
 }

@@ -408,6 +408,22 @@ async fn expired_ones_disappear(enc: Encoding) {
     // An expired notification can no longer be marked read.
     let r = alice.ok("notifications.read", json!({"ids": [gone]})).await;
     assert_eq!((ids(&r["ids"]), r["unread"].as_u64()), (vec![], Some(1)));
+
+    // A lifetime too long to add to the clock means "practically never".
+    for ttl in [u64::MAX, i64::MAX as u64] {
+        let forever = notify(
+            &node,
+            json!({"user": "alice", "type": "t", "title": "forever", "ttl_ms": ttl}),
+        )
+        .await;
+        let p = alice.ok("notifications.list", json!({"limit": 1})).await;
+        assert_eq!(ids(&p["items"]), vec![forever]);
+        assert!(p["items"][0]["expires_at"].as_i64().unwrap() > chorus_protocol::now_ms());
+    }
+    assert_eq!(
+        alice.ok("notifications.unread", json!({})).await,
+        json!({"unread": 3})
+    );
 }
 
 async fn direct_messages_and_mentions_notify(enc: Encoding) {

@@ -219,26 +219,35 @@ async fn publish(
     let mut inflight = FuturesUnordered::new();
     let mut head: Option<(String, u64)> = None;
     for k in 0..plan.messages {
-        let t_ns = if plan.rate > 0.0 {
-            let due = plan.start + Duration::from_secs_f64(plan.phase + k as f64 / plan.rate);
-            if due >= plan.end {
-                break;
+        let due = if plan.rate > 0.0 {
+            plan.start + Duration::from_secs_f64(plan.phase + k as f64 / plan.rate)
+        } else {
+            Instant::now()
+        };
+        if due >= plan.end {
+            break;
+        }
+        // Keep the requests in flight moving until this one is due: they
+        // advance (and are even sent) only while polled here.
+        loop {
+            tokio::select! {
+                biased;
+                Some(r) = inflight.next(), if !inflight.is_empty() => note(r, &mut head),
+                _ = tokio::time::sleep_until(due.into()) => break,
             }
-            tokio::time::sleep_until(due.into()).await;
+        }
+        while inflight.len() >= plan.max_inflight {
+            let r = inflight.next().await.flatten();
+            note(r, &mut head);
+        }
+        let t_ns = if plan.rate > 0.0 {
             if due.elapsed() > Duration::from_millis(10) {
                 stats.incr(Counter::LateSends);
             }
             plan.start_ns + (due - plan.start).as_nanos() as u64
         } else {
-            if Instant::now() >= plan.end {
-                break;
-            }
             sys::now_ns()
         };
-        while inflight.len() >= plan.max_inflight {
-            let r = inflight.next().await.flatten();
-            note(r, &mut head);
-        }
         if !conn.is_up() {
             break;
         }
