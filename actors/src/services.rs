@@ -227,19 +227,7 @@ impl Services {
         RoomActor: Message<M, Reply = ()>,
         M: Send + 'static,
     {
-        let mut msg = msg;
-        for _ in 0..ACTIVATION_RETRIES {
-            let r = self.room(key);
-            match r.tell(msg).await {
-                Ok(()) => return Ok(()),
-                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    self.rooms.remove_if(key, &r);
-                    msg = m;
-                }
-                Err(e) => return Err(send_failed(e)),
-            }
-        }
-        Err(Fail::new(ErrorCode::Overloaded, "room is restarting, retry"))
+        self.tell_placed::<RoomActor, M>(key, msg).await
     }
 
     /// Asks the room, retrying on a fresh activation if the actor was stopping.
@@ -249,20 +237,7 @@ impl Services {
         M: Send + 'static,
         T: Send + 'static,
     {
-        let mut msg = msg;
-        for _ in 0..ACTIVATION_RETRIES {
-            let r = self.room(key);
-            match r.ask(msg).await {
-                Ok(v) => return Ok(v),
-                Err(SendError::HandlerError(f)) => return Err(f),
-                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    self.rooms.remove_if(key, &r);
-                    msg = m;
-                }
-                Err(e) => return Err(send_failed(e)),
-            }
-        }
-        Err(Fail::new(ErrorCode::Overloaded, "room is restarting, retry"))
+        self.ask_placed::<RoomActor, M, T>(key, msg).await
     }
 
     pub async fn tell_user<M>(self: &Arc<Self>, user: &str, msg: M) -> Result<(), Fail>
@@ -270,19 +245,7 @@ impl Services {
         UserActor: Message<M, Reply = ()>,
         M: Send + 'static,
     {
-        let mut msg = msg;
-        for _ in 0..ACTIVATION_RETRIES {
-            let r = self.user(user);
-            match r.tell(msg).await {
-                Ok(()) => return Ok(()),
-                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    self.users.remove_if(user, &r);
-                    msg = m;
-                }
-                Err(e) => return Err(send_failed(e)),
-            }
-        }
-        Err(Fail::new(ErrorCode::Overloaded, "user is restarting, retry"))
+        self.tell_placed::<UserActor, M>(user, msg).await
     }
 
     pub async fn ask_user<M, T>(self: &Arc<Self>, user: &str, msg: M) -> Result<T, Fail>
@@ -291,20 +254,49 @@ impl Services {
         M: Send + 'static,
         T: Send + 'static,
     {
+        self.ask_placed::<UserActor, M, T>(user, msg).await
+    }
+
+    async fn tell_placed<A, M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
+    where
+        A: Placed + Message<M, Reply = ()>,
+        M: Send + 'static,
+    {
         let mut msg = msg;
         for _ in 0..ACTIVATION_RETRIES {
-            let r = self.user(user);
-            match r.ask(msg).await {
-                Ok(v) => return Ok(v),
-                Err(SendError::HandlerError(f)) => return Err(f),
+            let r = A::activate(self, key);
+            match r.tell(msg).await {
+                Ok(()) => return Ok(()),
                 Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    self.users.remove_if(user, &r);
+                    A::registry(self).remove_if(key, &r);
                     msg = m;
                 }
                 Err(e) => return Err(send_failed(e)),
             }
         }
-        Err(Fail::new(ErrorCode::Overloaded, "user is restarting, retry"))
+        Err(Fail::new(ErrorCode::Overloaded, "actor is restarting, retry"))
+    }
+
+    async fn ask_placed<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
+    where
+        A: Placed + Message<M, Reply = Result<T, Fail>>,
+        M: Send + 'static,
+        T: Send + 'static,
+    {
+        let mut msg = msg;
+        for _ in 0..ACTIVATION_RETRIES {
+            let r = A::activate(self, key);
+            match r.ask(msg).await {
+                Ok(v) => return Ok(v),
+                Err(SendError::HandlerError(f)) => return Err(f),
+                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
+                    A::registry(self).remove_if(key, &r);
+                    msg = m;
+                }
+                Err(e) => return Err(send_failed(e)),
+            }
+        }
+        Err(Fail::new(ErrorCode::Overloaded, "actor is restarting, retry"))
     }
 
     /// Stops every room and user actor after its mailbox drains (in-flight
@@ -332,6 +324,30 @@ impl Services {
             return 0;
         }
         rooms.iter().filter(|r| r.is_alive()).count() + users.iter().filter(|u| u.is_alive()).count()
+    }
+}
+
+/// A virtual actor kind: where its activations are registered and how one starts.
+trait Placed: Actor {
+    fn registry(svc: &Services) -> &Registry<Self>;
+    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self>;
+}
+
+impl Placed for RoomActor {
+    fn registry(svc: &Services) -> &Registry<Self> {
+        &svc.rooms
+    }
+    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
+        svc.room(key)
+    }
+}
+
+impl Placed for UserActor {
+    fn registry(svc: &Services) -> &Registry<Self> {
+        &svc.users
+    }
+    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
+        svc.user(key)
     }
 }
 
