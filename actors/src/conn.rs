@@ -273,11 +273,10 @@ impl ConnActor {
             },
             Request::RoomLeave(a) => match self.check_room(&a.room) {
                 Ok(key) => {
-                    let r = svc.tell_room(&key, room::Leave { user: me, replier: self.conn_replier(id) }).await;
-                    if self.subscriptions.remove(&key) {
-                        let _ = svc.tell_room(&key, room::Unsubscribe { conn: self.id }).await;
-                    }
-                    r.map(|_| Value::Null)
+                    // The room unsubscribes this connection if the leave succeeds: a
+                    // refused one (a direct room) must leave the subscription alone.
+                    let msg = room::Leave { user: me, conn: Some(self.id), replier: self.conn_replier(id) };
+                    svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
             },

@@ -309,7 +309,8 @@ mod tests {
         let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new())));
         let (fast, mut fast_out) = outbound(8);
         let (slow, slow_out) = outbound(1);
-        let (_, slow_out) = slow_out.split();
+        // Keep the receiver: a slow client still has its queue, it just does not drain it.
+        let (_slow_rx, slow_out) = slow_out.split();
         hub.tell(Register { conn: 1, sink: fast }).await.unwrap();
         hub.tell(Register { conn: 2, sink: slow }).await.unwrap();
         for conn in [1, 2] {

@@ -620,6 +620,8 @@ pub struct Join {
 
 pub struct Leave {
     pub user: String,
+    /// The connection that asked: it stops receiving the room if the leave succeeds.
+    pub conn: Option<ConnId>,
     pub replier: Replier,
 }
 
@@ -781,7 +783,22 @@ impl Message<Leave> for RoomActor {
     type Reply = ();
     async fn handle(&mut self, m: Leave, _: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
-        let r = self.remove(&m.user, None).await;
+        // A direct room has exactly two members: nobody can invite into it and
+        // `room.direct` returns the same room, so leaving would lock the pair
+        // out of their conversation for good.
+        let r = match self.require_room() {
+            Ok(room) if room.kind == RoomKind::Direct => {
+                Err(Fail::new(ErrorCode::WrongRoomKind, "nobody leaves a direct room"))
+            }
+            _ => self.remove(&m.user, None).await,
+        };
+        if let (Ok(()), Some(conn)) = (&r, m.conn) {
+            // The user's other connections to a non-public room follow once the
+            // `left` entry is delivered (`After::Removed`).
+            if self.subscribers.remove(&conn).is_some() {
+                let _ = self.svc.hub.tell(HubUnsubscribe { channel: self.key.clone(), conn }).await;
+            }
+        }
         m.replier.send(&self.svc, r.map(|_| json!({"left": true}))).await;
     }
 }

@@ -265,7 +265,7 @@ async fn oversized_frames(enc: Encoding) {
 
 async fn rate_limit(enc: Encoding) {
     let node = TestNode::start_with(test_dir(), |c| {
-        c.limits.rate_per_sec = 2;
+        c.limits.rate_per_sec = 1;
         c.limits.rate_burst = 6;
     })
     .await;
@@ -309,7 +309,7 @@ async fn rate_limit(enc: Encoding) {
     for _ in 0..3 {
         bob.alive().await;
     }
-    // The connection recovers as the bucket refills (2 per second).
+    // The connection recovers as the bucket refills (1 per second).
     let recovered = tokio::time::Instant::now();
     loop {
         match alice.request("ping", json!({})).await {

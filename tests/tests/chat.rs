@@ -329,6 +329,20 @@ async fn direct_rooms(enc: Encoding) {
     assert_eq!(p.data["text"], "psst");
     assert_eq!(p.data["sender"], "alice");
 
+    // Leaving would lock the pair out of their one direct room for good
+    // (nobody can invite into it, and room.direct returns it): refused too...
+    assert_eq!(bob.err("room.leave", json!({"room": dm})).await, 3008);
+    let (status, v) = node
+        .api("DELETE", &format!("/api/v1/rooms/{dm}/members/bob"), None)
+        .await;
+    assert_eq!((status, v["error"]["code"].as_u64()), (400, Some(3008)));
+    // ...and bob's connection still receives the room.
+    let o = send(&mut alice, &dm, "still there?").await;
+    assert_eq!(
+        bob.entry(&format!("room:{dm}"), "message").await.offset,
+        Some(o)
+    );
+
     for (op, args) in [
         ("room.join", json!({"room": dm})),
         ("history", json!({"channel": format!("room:{dm}")})),
@@ -388,6 +402,7 @@ async fn public_rooms(enc: Encoding) {
     );
 
     // After leaving, still readable (public) but not writable.
+    alice.ok("room.join", json!({"room": "lobby"})).await;
     alice.ok("room.leave", json!({"room": "lobby"})).await;
     assert_eq!(
         alice
@@ -398,6 +413,22 @@ async fn public_rooms(enc: Encoding) {
     let h = alice.ok("history", json!({"channel": "room:lobby"})).await;
     assert_eq!(offsets(&h), vec![1, 2, 3, 4, 5]);
     assert_eq!(h["entries"][4]["kind"], "left");
+    // The connection that left no longer receives the room; readers still do.
+    alice.buffered();
+    let o = send(&mut bob, "lobby", "after alice left").await;
+    assert_eq!(
+        dave.push_where(|p| p.push == "entry"
+            && p.data["kind"] == "message"
+            && p.data["text"] == "after alice left")
+            .await
+            .offset,
+        Some(o)
+    );
+    alice.hub_barrier().await;
+    assert!(
+        !alice.has_buffered(|p| p.offset == Some(o)),
+        "pushed after leaving"
+    );
 }
 
 async fn messages_attachments_and_threads(enc: Encoding) {

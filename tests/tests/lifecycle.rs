@@ -335,18 +335,25 @@ async fn graceful_shutdown_closes_clients_with_1001(enc: Encoding) {
         ));
     }
     let stopping = tokio::spawn(node.stop());
-    // Readiness goes red first, so the balancer stops sending new clients.
-    eventually("/readyz to report 503", || {
+    // Readiness goes red at once, so the balancer stops sending new clients:
+    // the probe gets 503 on its kept-alive connection, or no answer at all
+    // once the node has stopped accepting (both mean "not ready" to it).
+    eventually("/readyz to stop reporting ready", || {
         let (probe, readyz) = (&probe, &readyz);
         async move {
-            let status = probe
+            let answer = probe
                 .get(readyz.as_str())
+                .timeout(std::time::Duration::from_millis(500))
                 .send()
-                .await
-                .ok()?
-                .status()
-                .as_u16();
-            (status == 503).then_some(())
+                .await;
+            match answer {
+                Ok(r) if r.status().as_u16() == 200 => None,
+                Ok(r) => {
+                    assert_eq!(r.status().as_u16(), 503);
+                    Some(())
+                }
+                Err(_) => Some(()),
+            }
         }
     })
     .await;

@@ -186,6 +186,7 @@ async fn list_paging_and_mark_read(enc: Encoding) {
     );
     for device in [&mut phone, &mut laptop] {
         let p = device.push("notifications.read", None).await;
+        assert!(p.ephemeral, "a read-state change is not stored as a push");
         assert_eq!(ids_set(&p.data["ids"]), read_ids);
         assert_eq!(p.data["unread"], 3);
         assert_eq!(p.data["all"], false);
