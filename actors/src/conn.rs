@@ -49,12 +49,19 @@ struct RateLimiter {
 impl RateLimiter {
     fn new(rate: u32, burst: u32) -> RateLimiter {
         let burst = burst.max(1) as f64;
-        RateLimiter { rate: rate as f64, burst, tokens: burst, at: Instant::now(), rejected_in_a_row: 0 }
+        RateLimiter {
+            rate: rate as f64,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+            rejected_in_a_row: 0,
+        }
     }
 
     fn allow(&mut self) -> bool {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -94,12 +101,21 @@ impl Actor for ConnActor {
     type Error = Fail;
 
     async fn on_start(args: ConnArgs, me: ActorRef<Self>) -> Result<Self, Fail> {
-        let ConnArgs { svc, id, claims, sink } = args;
+        let ConnArgs {
+            svc,
+            id,
+            claims,
+            sink,
+        } = args;
         svc.hub
-            .tell(Register { conn: id, sink: sink.clone() })
+            .tell(Register {
+                conn: id,
+                sink: sink.clone(),
+            })
             .await
             .map_err(|_| Fail::new(ErrorCode::ShuttingDown, "node is shutting down"))?;
-        svc.tell_user(&claims.user, user::Connected { conn: id }).await?;
+        svc.tell_user(&claims.user, user::Connected { conn: id })
+            .await?;
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();
         schedule_token_check(&me, claims.expires_at, 0);
@@ -130,7 +146,10 @@ impl Actor for ConnActor {
                 let _ = actor.tell(user::Unwatch { conn: self.id }).await;
             }
         }
-        let _ = self.svc.tell_user(&self.claims.user, user::Disconnected { conn: self.id }).await;
+        let _ = self
+            .svc
+            .tell_user(&self.claims.user, user::Disconnected { conn: self.id })
+            .await;
         Ok(())
     }
 }
@@ -159,7 +178,10 @@ pub const DIRECT_ROOM_PREFIX: &str = "dm:";
 /// Refuses an id from the direct-room namespace for a group or public room.
 pub fn check_not_direct_id(room: &str) -> Result<(), Fail> {
     if room.starts_with(DIRECT_ROOM_PREFIX) {
-        Err(Fail::new(ErrorCode::InvalidValue, format!("room ids starting with `{DIRECT_ROOM_PREFIX}` are reserved for direct rooms")))
+        Err(Fail::new(
+            ErrorCode::InvalidValue,
+            format!("room ids starting with `{DIRECT_ROOM_PREFIX}` are reserved for direct rooms"),
+        ))
     } else {
         Ok(())
     }
@@ -177,7 +199,8 @@ impl ConnActor {
         let frame = Arc::new(SharedFrame::new(ServerFrame::Reply(reply)));
         if let Err(PushError::Full) = self.sink.push(frame) {
             self.svc.metrics.slow_consumers.inc();
-            self.sink.close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
+            self.sink
+                .close(close::SLOW_CONSUMER, "slow consumer: outbound queue full");
         }
     }
 
@@ -194,7 +217,10 @@ impl ConnActor {
             return Err(Fail::new(ErrorCode::InvalidValue, "invalid room id"));
         }
         if !self.claims.may_use_room(room) {
-            return Err(Fail::new(ErrorCode::Forbidden, "your token does not allow this room"));
+            return Err(Fail::new(
+                ErrorCode::Forbidden,
+                "your token does not allow this room",
+            ));
         }
         Ok(Channel::room(room).key())
     }
@@ -202,7 +228,10 @@ impl ConnActor {
     /// Parses a channel name and checks the token allows reading it.
     fn check_channel_read(&self, name: &str) -> Result<Channel, Fail> {
         let ch = Channel::parse(name).ok_or_else(|| {
-            Fail::new(ErrorCode::BadChannel, "channel must be room:<id>, topic:<name> or feed:<user>")
+            Fail::new(
+                ErrorCode::BadChannel,
+                "channel must be room:<id>, topic:<name> or feed:<user>",
+            )
         })?;
         let ok = match ch.kind {
             ChannelKind::Room => self.claims.may_use_room(&ch.name),
@@ -212,7 +241,10 @@ impl ConnActor {
         if ok {
             Ok(ch)
         } else {
-            Err(Fail::new(ErrorCode::Forbidden, "your token does not allow this channel"))
+            Err(Fail::new(
+                ErrorCode::Forbidden,
+                "your token does not allow this channel",
+            ))
         }
     }
 
@@ -220,7 +252,10 @@ impl ConnActor {
         let every = self.svc.config.idle_after / 4;
         if self.last_activity_report.elapsed() >= every {
             self.last_activity_report = Instant::now();
-            let _ = self.svc.tell_user(&self.claims.user, user::Activity { conn: self.id }).await;
+            let _ = self
+                .svc
+                .tell_user(&self.claims.user, user::Activity { conn: self.id })
+                .await;
         }
     }
 
@@ -233,40 +268,80 @@ impl ConnActor {
             Request::AuthRefresh(a) => self.refresh(a.token),
             Request::RoomCreate(a) => {
                 if a.kind == RoomKind::Direct {
-                    return Some(Err(Fail::new(ErrorCode::WrongRoomKind, "use room.direct for direct rooms")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::WrongRoomKind,
+                        "use room.direct for direct rooms",
+                    )));
                 }
                 let room_id = a.room.unwrap_or_else(|| format!("r{}", new_epoch()));
-                let key = match self.check_room(&room_id).and_then(|k| check_not_direct_id(&room_id).map(|_| k)) {
+                let key = match self
+                    .check_room(&room_id)
+                    .and_then(|k| check_not_direct_id(&room_id).map(|_| k))
+                {
                     Ok(k) => k,
                     Err(f) => return Some(Err(f)),
                 };
                 if let Some(bad) = a.members.iter().find(|m| !valid_id(m)) {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, format!("invalid member id `{}`", truncate(bad)))));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        format!("invalid member id `{}`", truncate(bad)),
+                    )));
                 }
                 if a.name.as_ref().is_some_and(|n| n.len() > 256) {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "name longer than 256 bytes")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        "name longer than 256 bytes",
+                    )));
                 }
-                let info = RoomInfo { id: room_id, kind: a.kind, name: a.name, created_by: me, created_at: now_ms() };
-                let msg = room::Create { info, members: a.members, replier: self.conn_replier(id) };
+                let info = RoomInfo {
+                    id: room_id,
+                    kind: a.kind,
+                    name: a.name,
+                    created_by: me,
+                    created_at: now_ms(),
+                };
+                let msg = room::Create {
+                    info,
+                    members: a.members,
+                    replier: self.conn_replier(id),
+                };
                 svc.tell_room(&key, msg).await.map(|_| Value::Null)
             }
             Request::RoomDirect(a) => {
                 if !valid_id(&a.user) || a.user == me {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "direct rooms need another valid user id")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        "direct rooms need another valid user id",
+                    )));
                 }
                 let room_id = direct_room_id(&me, &a.user);
                 let key = match self.check_room(&room_id) {
                     Ok(k) => k,
                     Err(f) => return Some(Err(f)),
                 };
-                let info = RoomInfo { id: room_id, kind: RoomKind::Direct, name: None, created_by: me, created_at: now_ms() };
-                let msg = room::Create { info, members: vec![a.user], replier: self.conn_replier(id) };
+                let info = RoomInfo {
+                    id: room_id,
+                    kind: RoomKind::Direct,
+                    name: None,
+                    created_by: me,
+                    created_at: now_ms(),
+                };
+                let msg = room::Create {
+                    info,
+                    members: vec![a.user],
+                    replier: self.conn_replier(id),
+                };
                 svc.tell_room(&key, msg).await.map(|_| Value::Null)
             }
             Request::RoomJoin(a) => match self.check_room(&a.room) {
                 Ok(key) => {
                     self.subscriptions.insert(key.clone());
-                    let msg = room::Join { user: me, conn: Some(self.id), replier: self.conn_replier(id), req_id: id };
+                    let msg = room::Join {
+                        user: me,
+                        conn: Some(self.id),
+                        replier: self.conn_replier(id),
+                        req_id: id,
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
@@ -275,21 +350,33 @@ impl ConnActor {
                 Ok(key) => {
                     // The room unsubscribes this connection if the leave succeeds: a
                     // refused one (a direct room) must leave the subscription alone.
-                    let msg = room::Leave { user: me, conn: Some(self.id), replier: self.conn_replier(id) };
+                    let msg = room::Leave {
+                        user: me,
+                        conn: Some(self.id),
+                        replier: self.conn_replier(id),
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
             },
             Request::RoomInvite(a) => match self.check_room(&a.room) {
                 Ok(key) => {
-                    let msg = room::Invite { by: Some(me), user: a.user, replier: self.conn_replier(id) };
+                    let msg = room::Invite {
+                        by: Some(me),
+                        user: a.user,
+                        replier: self.conn_replier(id),
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
             },
             Request::RoomKick(a) => match self.check_room(&a.room) {
                 Ok(key) => {
-                    let msg = room::Kick { by: Some(me), user: a.user, replier: self.conn_replier(id) };
+                    let msg = room::Kick {
+                        by: Some(me),
+                        user: a.user,
+                        replier: self.conn_replier(id),
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
@@ -298,16 +385,30 @@ impl ConnActor {
                 Ok(key) => svc
                     .ask_room(&key, room::Members { user: Some(me) })
                     .await
-                    .map(|members| to_value(&MembersResult { room: a.room, members })),
+                    .map(|members| {
+                        to_value(&MembersResult {
+                            room: a.room,
+                            members,
+                        })
+                    }),
                 Err(f) => Err(f),
             },
             Request::RoomsList => self.rooms_list().await,
             Request::Send(a) => {
                 if a.text.len() > svc.config.max_text_bytes {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, format!("text longer than {} bytes", svc.config.max_text_bytes))));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        format!("text longer than {} bytes", svc.config.max_text_bytes),
+                    )));
                 }
-                if a.client_id.as_ref().is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID) {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "client_id must be 1..=128 bytes")));
+                if a.client_id
+                    .as_ref()
+                    .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID)
+                {
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        "client_id must be 1..=128 bytes",
+                    )));
                 }
                 match self.check_room(&a.room) {
                     Ok(key) => {
@@ -333,7 +434,12 @@ impl ConnActor {
                 }
                 match self.check_room(&a.room) {
                     Ok(key) => {
-                        let msg = room::Edit { user: me, offset: a.offset, text: Some(a.text), replier: self.conn_replier(id) };
+                        let msg = room::Edit {
+                            user: me,
+                            offset: a.offset,
+                            text: Some(a.text),
+                            replier: self.conn_replier(id),
+                        };
                         svc.tell_room(&key, msg).await.map(|_| Value::Null)
                     }
                     Err(f) => Err(f),
@@ -341,19 +447,31 @@ impl ConnActor {
             }
             Request::Delete(a) => match self.check_room(&a.room) {
                 Ok(key) => {
-                    let msg = room::Edit { user: me, offset: a.offset, text: None, replier: self.conn_replier(id) };
+                    let msg = room::Edit {
+                        user: me,
+                        offset: a.offset,
+                        text: None,
+                        replier: self.conn_replier(id),
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
             },
             Request::History(a) => self.history(a).await,
             Request::Typing(a) => match self.check_room(&a.room) {
-                Ok(key) => svc.tell_room(&key, room::Typing { user: me }).await.map(|_| json!({})),
+                Ok(key) => svc
+                    .tell_room(&key, room::Typing { user: me })
+                    .await
+                    .map(|_| json!({})),
                 Err(f) => Err(f),
             },
             Request::Read(a) => match self.check_room(&a.room) {
                 Ok(key) => {
-                    let msg = room::Read { user: me, offset: a.offset, replier: self.conn_replier(id) };
+                    let msg = room::Read {
+                        user: me,
+                        offset: a.offset,
+                        replier: self.conn_replier(id),
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
@@ -363,7 +481,12 @@ impl ConnActor {
                     let key = ch.key();
                     self.subscriptions.insert(key.clone());
                     let from = a.offset.map(|o| (o, a.epoch));
-                    let msg = room::Subscribe { user: me, conn: self.id, from, req_id: id };
+                    let msg = room::Subscribe {
+                        user: me,
+                        conn: self.id,
+                        from,
+                        req_id: id,
+                    };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
                 }
                 Err(f) => Err(f),
@@ -377,17 +500,26 @@ impl ConnActor {
                         }
                         Ok(json!({"channel": key}))
                     } else {
-                        Err(Fail::new(ErrorCode::NotSubscribed, "not subscribed to this channel"))
+                        Err(Fail::new(
+                            ErrorCode::NotSubscribed,
+                            "not subscribed to this channel",
+                        ))
                     }
                 }
                 None => Err(Fail::new(ErrorCode::BadChannel, "bad channel name")),
             },
             Request::TopicPublish(a) => {
                 if !valid_id(&a.topic) {
-                    return Some(Err(Fail::new(ErrorCode::InvalidValue, "invalid topic name")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        "invalid topic name",
+                    )));
                 }
                 if !self.claims.may_publish_topic(&a.topic) {
-                    return Some(Err(Fail::new(ErrorCode::Forbidden, "your token does not allow publishing to this topic")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::Forbidden,
+                        "your token does not allow publishing to this topic",
+                    )));
                 }
                 let msg = room::Publish {
                     sender: Some(me),
@@ -400,17 +532,26 @@ impl ConnActor {
                     client_id: a.client_id,
                     replier: self.conn_replier(id),
                 };
-                svc.tell_room(&Channel::topic(&a.topic).key(), msg).await.map(|_| Value::Null)
+                svc.tell_room(&Channel::topic(&a.topic).key(), msg)
+                    .await
+                    .map(|_| Value::Null)
             }
             Request::NotifList(a) => {
                 let limit = a.limit.unwrap_or(50).clamp(1, MAX_PAGE as u32 - 1) as usize;
                 let now = now_ms();
                 let r = async {
-                    let mut items = svc.store.list_notifications(&me, a.before, limit + 1, a.unread_only, now).await?;
+                    let mut items = svc
+                        .store
+                        .list_notifications(&me, a.before, limit + 1, a.unread_only, now)
+                        .await?;
                     let more = items.len() > limit;
                     items.truncate(limit);
                     let unread = svc.store.unread_notifications(&me, now).await?;
-                    Ok::<_, Fail>(to_value(&NotifPage { items, unread, more }))
+                    Ok::<_, Fail>(to_value(&NotifPage {
+                        items,
+                        unread,
+                        more,
+                    }))
                 };
                 r.await
             }
@@ -422,10 +563,15 @@ impl ConnActor {
                 .map_err(Fail::from),
             Request::NotifRead(a) => {
                 if !a.all && a.ids.is_empty() {
-                    return Some(Err(Fail::new(ErrorCode::InvalidArgs, "give `ids` or `all: true`")));
+                    return Some(Err(Fail::new(
+                        ErrorCode::InvalidArgs,
+                        "give `ids` or `all: true`",
+                    )));
                 }
                 let ids = if a.all { None } else { Some(a.ids) };
-                svc.ask_user(&me, user::MarkRead { ids }).await.map(|p| to_value(&p))
+                svc.ask_user(&me, user::MarkRead { ids })
+                    .await
+                    .map(|p| to_value(&p))
             }
             Request::PrefsGet => svc
                 .store
@@ -433,9 +579,19 @@ impl ConnActor {
                 .await
                 .map(|p| to_value(&p.unwrap_or_default()))
                 .map_err(Fail::from),
-            Request::PrefsSet(prefs) => svc.ask_user(&me, user::SetPrefs { prefs }).await.map(|p| to_value(&p)),
+            Request::PrefsSet(prefs) => svc
+                .ask_user(&me, user::SetPrefs { prefs })
+                .await
+                .map(|p| to_value(&p)),
             Request::PresenceSet(a) => svc
-                .ask_user(&me, user::SetPresence { conn: self.id, status: a.status, activity: a.activity })
+                .ask_user(
+                    &me,
+                    user::SetPresence {
+                        conn: self.id,
+                        status: a.status,
+                        activity: a.activity,
+                    },
+                )
                 .await
                 .map(|p| to_value(&p)),
             Request::PresenceWatch(a) => self.watch(a.users, a.room).await,
@@ -443,7 +599,15 @@ impl ConnActor {
                 let mut users = a.users;
                 if let Some(room) = a.room {
                     if let Ok(key) = self.check_room(&room) {
-                        if let Ok(members) = svc.ask_room(&key, room::Members { user: Some(me.clone()) }).await {
+                        if let Ok(members) = svc
+                            .ask_room(
+                                &key,
+                                room::Members {
+                                    user: Some(me.clone()),
+                                },
+                            )
+                            .await
+                        {
                             users.extend(members.into_iter().map(|m| m.user));
                         }
                     }
@@ -468,7 +632,10 @@ impl ConnActor {
     fn refresh(&mut self, token: String) -> Result<Value, Fail> {
         let claims = self.svc.verifier.verify(&token)?;
         if claims.user != self.claims.user {
-            return Err(Fail::new(ErrorCode::TokenUserMismatch, "the new token is for another user"));
+            return Err(Fail::new(
+                ErrorCode::TokenUserMismatch,
+                "the new token is for another user",
+            ));
         }
         let expires_at = claims.expires_at;
         self.claims = claims;
@@ -482,7 +649,11 @@ impl ConnActor {
         let mut rooms = Vec::with_capacity(ids.len());
         for id in ids {
             let key = Channel::room(&id).key();
-            match self.svc.ask_room(&key, room::Summary { user: me.clone() }).await {
+            match self
+                .svc
+                .ask_room(&key, room::Summary { user: me.clone() })
+                .await
+            {
                 Ok(s) => rooms.push(s),
                 Err(f) if matches!(f.code, ErrorCode::RoomNotFound | ErrorCode::NotMember) => {}
                 Err(f) => return Err(f),
@@ -494,13 +665,28 @@ impl ConnActor {
     async fn history(&self, a: chorus_protocol::ops::History) -> Result<Value, Fail> {
         let ch = self.check_channel_read(&a.channel)?;
         let key = ch.key();
-        let head = self.svc.ask_room(&key, room::Authorize { user: Some(self.user()) }).await?;
-        let limit = a.limit.unwrap_or(50).clamp(1, self.svc.config.max_page as u32) as usize;
+        let head = self
+            .svc
+            .ask_room(
+                &key,
+                room::Authorize {
+                    user: Some(self.user()),
+                },
+            )
+            .await?;
+        let limit = a
+            .limit
+            .unwrap_or(50)
+            .clamp(1, self.svc.config.max_page as u32) as usize;
         let (entries, more) = if let Some(after) = a.after {
             if after >= head.offset {
                 (Vec::new(), false)
             } else {
-                let mut v = self.svc.store.read_range(&key, after + 1, head.offset, limit + 1).await?;
+                let mut v = self
+                    .svc
+                    .store
+                    .read_range(&key, after + 1, head.offset, limit + 1)
+                    .await?;
                 let more = v.len() > limit;
                 v.truncate(limit);
                 (v, more)
@@ -514,24 +700,49 @@ impl ConnActor {
             }
             (v, more)
         };
-        Ok(to_value(&HistoryPage { channel: key, head, entries, more }))
+        Ok(to_value(&HistoryPage {
+            channel: key,
+            head,
+            entries,
+            more,
+        }))
     }
 
     async fn watch(&mut self, mut users: Vec<String>, room: Option<String>) -> Result<Value, Fail> {
         let me = self.user();
         if let Some(room) = room {
             let key = self.check_room(&room)?;
-            let members = self.svc.ask_room(&key, room::Members { user: Some(me.clone()) }).await?;
+            let members = self
+                .svc
+                .ask_room(
+                    &key,
+                    room::Members {
+                        user: Some(me.clone()),
+                    },
+                )
+                .await?;
             users.extend(members.into_iter().map(|m| m.user).filter(|u| *u != me));
         }
         users.sort();
         users.dedup();
         if let Some(bad) = users.iter().find(|u| !valid_id(u)) {
-            return Err(Fail::new(ErrorCode::InvalidValue, format!("invalid user id `{}`", truncate(bad))));
+            return Err(Fail::new(
+                ErrorCode::InvalidValue,
+                format!("invalid user id `{}`", truncate(bad)),
+            ));
         }
-        let new: Vec<&String> = users.iter().filter(|u| !self.watching.contains(*u)).collect();
+        let new: Vec<&String> = users
+            .iter()
+            .filter(|u| !self.watching.contains(*u))
+            .collect();
         if self.watching.len() + new.len() > self.svc.config.max_watch {
-            return Err(Fail::new(ErrorCode::InvalidValue, format!("at most {} watched users per connection", self.svc.config.max_watch)));
+            return Err(Fail::new(
+                ErrorCode::InvalidValue,
+                format!(
+                    "at most {} watched users per connection",
+                    self.svc.config.max_watch
+                ),
+            ));
         }
         let mut out = Vec::with_capacity(users.len());
         for u in &users {
@@ -544,12 +755,18 @@ impl ConnActor {
 
     async fn query_presence(&self, users: Vec<String>) -> Result<Value, Fail> {
         if users.len() > self.svc.config.max_watch {
-            return Err(Fail::new(ErrorCode::InvalidValue, "too many users in one query"));
+            return Err(Fail::new(
+                ErrorCode::InvalidValue,
+                "too many users in one query",
+            ));
         }
         let mut out = Vec::with_capacity(users.len());
         for u in users {
             if !valid_id(&u) {
-                return Err(Fail::new(ErrorCode::InvalidValue, format!("invalid user id `{}`", truncate(&u))));
+                return Err(Fail::new(
+                    ErrorCode::InvalidValue,
+                    format!("invalid user id `{}`", truncate(&u)),
+                ));
             }
             // An inactive user actor means no connection: offline, without activating it.
             let p = match self.svc.user_if_active(&u) {
@@ -566,7 +783,13 @@ impl ConnActor {
 }
 
 fn offline(user: &str, last_seen: Option<i64>) -> Presence {
-    Presence { user: user.to_string(), status: Status::Offline, last_seen, activity: None, devices: 0 }
+    Presence {
+        user: user.to_string(),
+        status: Status::Offline,
+        last_seen,
+        activity: None,
+        devices: 0,
+    }
 }
 
 fn truncate(s: &str) -> String {
@@ -585,14 +808,27 @@ impl Message<Inbound> for ConnActor {
     type Reply = ();
     async fn handle(&mut self, Inbound(req): Inbound, ctx: &mut Context<Self, ()>) {
         if !self.limiter.allow() {
-            self.reply(req.id, Err(Fail::new(ErrorCode::RateLimited, "too many requests, slow down")));
+            self.reply(
+                req.id,
+                Err(Fail::new(
+                    ErrorCode::RateLimited,
+                    "too many requests, slow down",
+                )),
+            );
             if self.limiter.rejected_in_a_row > self.svc.config.rate_burst.max(10) {
-                self.sink.close(close::RATE_LIMITED, "rate limit exceeded repeatedly");
+                self.sink
+                    .close(close::RATE_LIMITED, "rate limit exceeded repeatedly");
             }
             return;
         }
         if self.svc.is_stopping() {
-            self.reply(req.id, Err(Fail::new(ErrorCode::ShuttingDown, "node is shutting down, reconnect")));
+            self.reply(
+                req.id,
+                Err(Fail::new(
+                    ErrorCode::ShuttingDown,
+                    "node is shutting down, reconnect",
+                )),
+            );
             return;
         }
         self.report_activity().await;
@@ -604,7 +840,11 @@ impl Message<Inbound> for ConnActor {
                     self.reply(req.id, result);
                 }
                 if self.token_generation != generation {
-                    schedule_token_check(ctx.actor_ref(), self.claims.expires_at, self.token_generation);
+                    schedule_token_check(
+                        ctx.actor_ref(),
+                        self.claims.expires_at,
+                        self.token_generation,
+                    );
                 }
             }
         }
@@ -622,7 +862,11 @@ impl Message<TokenCheck> for ConnActor {
             self.svc.metrics.error(ErrorCode::TokenExpired);
             self.sink.close(close::TOKEN_EXPIRED, "token expired");
         } else {
-            schedule_token_check(ctx.actor_ref(), self.claims.expires_at, self.token_generation);
+            schedule_token_check(
+                ctx.actor_ref(),
+                self.claims.expires_at,
+                self.token_generation,
+            );
         }
     }
 }
@@ -633,7 +877,10 @@ mod tests {
 
     #[test]
     fn direct_room_ids_are_symmetric_and_unambiguous() {
-        assert_eq!(direct_room_id("bob", "alice"), direct_room_id("alice", "bob"));
+        assert_eq!(
+            direct_room_id("bob", "alice"),
+            direct_room_id("alice", "bob")
+        );
         assert_ne!(direct_room_id("a:b", "c"), direct_room_id("a", "b:c"));
         assert!(check_not_direct_id(&direct_room_id("a", "b")).is_err());
         assert!(check_not_direct_id("team").is_ok());

@@ -13,7 +13,10 @@ pub struct Fail {
 
 impl Fail {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Fail {
-        Fail { code, message: message.into() }
+        Fail {
+            code,
+            message: message.into(),
+        }
     }
 }
 

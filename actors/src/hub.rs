@@ -56,8 +56,17 @@ pub enum PushError {
 /// A bounded outbound queue for one connection.
 pub fn outbound(capacity: usize) -> (ConnSink, ConnOutbox) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let closer = Arc::new(Closer { token: CancellationToken::new(), reason: Mutex::new(None) });
-    (ConnSink { tx, closer: closer.clone() }, ConnOutbox { rx, closer })
+    let closer = Arc::new(Closer {
+        token: CancellationToken::new(),
+        reason: Mutex::new(None),
+    });
+    (
+        ConnSink {
+            tx,
+            closer: closer.clone(),
+        },
+        ConnOutbox { rx, closer },
+    )
 }
 
 impl ConnSink {
@@ -99,7 +108,12 @@ pub struct CloseWatch {
 
 impl ConnOutbox {
     pub fn split(self) -> (mpsc::Receiver<Arc<SharedFrame>>, CloseWatch) {
-        (self.rx, CloseWatch { closer: self.closer })
+        (
+            self.rx,
+            CloseWatch {
+                closer: self.closer,
+            },
+        )
     }
 }
 
@@ -107,7 +121,11 @@ impl CloseWatch {
     /// Resolves when someone asked to close this connection; gives the code and reason.
     pub async fn closed(&self) -> (u16, String) {
         self.closer.token.cancelled().await;
-        self.closer.reason.lock().clone().unwrap_or((close::GOING_AWAY, String::new()))
+        self.closer
+            .reason
+            .lock()
+            .clone()
+            .unwrap_or((close::GOING_AWAY, String::new()))
     }
 }
 
@@ -145,7 +163,9 @@ impl Hub {
     }
 
     fn send(&mut self, conn: ConnId, frame: &Arc<SharedFrame>) -> bool {
-        let Some(sink) = self.conns.get(&conn) else { return false };
+        let Some(sink) = self.conns.get(&conn) else {
+            return false;
+        };
         match sink.push(frame.clone()) {
             Ok(()) => true,
             Err(PushError::Full) => {
@@ -227,8 +247,14 @@ impl Message<Subscribe> for Hub {
         if !self.conns.contains_key(&m.conn) {
             return;
         }
-        self.channels.entry(m.channel.clone()).or_default().insert(m.conn);
-        self.conn_channels.entry(m.conn).or_default().insert(m.channel);
+        self.channels
+            .entry(m.channel.clone())
+            .or_default()
+            .insert(m.conn);
+        self.conn_channels
+            .entry(m.conn)
+            .or_default()
+            .insert(m.channel);
     }
 }
 
@@ -250,7 +276,9 @@ impl Message<Unsubscribe> for Hub {
 impl Message<Deliver> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: Deliver, _: &mut Context<Self, ()>) {
-        let Some(subs) = self.channels.get(&m.channel) else { return };
+        let Some(subs) = self.channels.get(&m.channel) else {
+            return;
+        };
         let targets: Vec<ConnId> = subs.iter().copied().collect();
         let mut delivered = 0u64;
         for conn in targets {
@@ -311,19 +339,54 @@ mod tests {
         let (slow, slow_out) = outbound(1);
         // Keep the receiver: a slow client still has its queue, it just does not drain it.
         let (_slow_rx, slow_out) = slow_out.split();
-        hub.tell(Register { conn: 1, sink: fast }).await.unwrap();
-        hub.tell(Register { conn: 2, sink: slow }).await.unwrap();
+        hub.tell(Register {
+            conn: 1,
+            sink: fast,
+        })
+        .await
+        .unwrap();
+        hub.tell(Register {
+            conn: 2,
+            sink: slow,
+        })
+        .await
+        .unwrap();
         for conn in [1, 2] {
-            hub.tell(Subscribe { channel: "room:a".into(), conn }).await.unwrap();
+            hub.tell(Subscribe {
+                channel: "room:a".into(),
+                conn,
+            })
+            .await
+            .unwrap();
         }
-        hub.tell(Deliver { channel: "room:a".into(), frame: frame(1) }).await.unwrap();
-        hub.tell(Deliver { channel: "room:a".into(), frame: frame(2) }).await.unwrap();
-        assert!(hub.ask(HasSubscribers { channel: "room:a".into() }).await.unwrap());
+        hub.tell(Deliver {
+            channel: "room:a".into(),
+            frame: frame(1),
+        })
+        .await
+        .unwrap();
+        hub.tell(Deliver {
+            channel: "room:a".into(),
+            frame: frame(2),
+        })
+        .await
+        .unwrap();
+        assert!(hub
+            .ask(HasSubscribers {
+                channel: "room:a".into()
+            })
+            .await
+            .unwrap());
         assert_eq!(fast_out.rx.recv().await.unwrap().frame(), frame(1).frame());
         assert_eq!(fast_out.rx.recv().await.unwrap().frame(), frame(2).frame());
         let (code, _) = slow_out.closed().await;
         assert_eq!(code, close::SLOW_CONSUMER);
         hub.tell(Unregister { conn: 1 }).await.unwrap();
-        assert!(!hub.ask(HasSubscribers { channel: "room:a".into() }).await.unwrap());
+        assert!(!hub
+            .ask(HasSubscribers {
+                channel: "room:a".into()
+            })
+            .await
+            .unwrap());
     }
 }

@@ -53,13 +53,21 @@ impl Metrics {
             errors: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("connections", "Open WebSocket connections", m.connections.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
         registry.register(
             "connections_opened",
             "WebSocket connections accepted",
             m.connections_total.clone(),
         );
-        registry.register("frames_in", "Frames received from clients", m.frames_in.clone());
+        registry.register(
+            "frames_in",
+            "Frames received from clients",
+            m.frames_in.clone(),
+        );
         registry.register("frames_out", "Frames sent to clients", m.frames_out.clone());
         registry.register(
             "messages_published",
@@ -76,9 +84,21 @@ impl Metrics {
             "Connections closed because their outbound queue overflowed",
             m.slow_consumers.clone(),
         );
-        registry.register("active_rooms", "Room/topic actors in memory", m.active_rooms.clone());
-        registry.register("active_users", "User actors in memory", m.active_users.clone());
-        registry.register("notifications", "Notifications stored", m.notifications.clone());
+        registry.register(
+            "active_rooms",
+            "Room/topic actors in memory",
+            m.active_rooms.clone(),
+        );
+        registry.register(
+            "active_users",
+            "User actors in memory",
+            m.active_users.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Notifications stored",
+            m.notifications.clone(),
+        );
         registry.register(
             "store_append_seconds",
             "Latency of durable channel appends (one batch)",
@@ -89,13 +109,19 @@ impl Metrics {
             "Entries per durable append batch",
             m.append_batch_size.clone(),
         );
-        registry.register("errors", "Error replies and closes, by code", m.errors.clone());
+        registry.register(
+            "errors",
+            "Error replies and closes, by code",
+            m.errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Counts one error sent to a client.
     pub fn error(&self, code: ErrorCode) {
-        self.errors.get_or_create(&vec![("code", code.name())]).inc();
+        self.errors
+            .get_or_create(&vec![("code", code.name())])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -119,6 +145,9 @@ mod tests {
         m.error(ErrorCode::RateLimited);
         let text = m.render();
         assert!(text.contains("chorus_frames_in_total 1"), "{text}");
-        assert!(text.contains("chorus_errors_total{code=\"rate_limited\"} 1"), "{text}");
+        assert!(
+            text.contains("chorus_errors_total{code=\"rate_limited\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -100,13 +100,20 @@ impl Actor for RoomActor {
                 Some(_) => svc.store.members(&channel.name).await?,
                 None => Vec::new(),
             };
-            (room, members.into_iter().map(|m| (m.user.clone(), m)).collect())
+            (
+                room,
+                members.into_iter().map(|m| (m.user.clone(), m)).collect(),
+            )
         } else {
             (None, HashMap::new())
         };
         svc.metrics.active_rooms.inc();
         let passivate_after = svc.config.passivate_after;
-        drop(actor_ref.tell(IdleCheck).send_after(passivate_after.min(Duration::from_secs(1))));
+        drop(
+            actor_ref
+                .tell(IdleCheck)
+                .send_after(passivate_after.min(Duration::from_secs(1))),
+        );
         Ok(RoomActor {
             svc,
             key,
@@ -150,9 +157,10 @@ impl RoomActor {
         match self.channel.kind {
             ChannelKind::Topic => Ok(()),
             ChannelKind::Feed => match user {
-                Some(u) if u != self.channel.name => {
-                    Err(Fail::new(ErrorCode::Forbidden, "a feed is readable by its user only"))
-                }
+                Some(u) if u != self.channel.name => Err(Fail::new(
+                    ErrorCode::Forbidden,
+                    "a feed is readable by its user only",
+                )),
                 _ => Ok(()),
             },
             ChannelKind::Room => {
@@ -174,9 +182,10 @@ impl RoomActor {
         }
         self.require_room()?;
         match user {
-            Some(u) if !self.is_member(u) => {
-                Err(Fail::new(ErrorCode::NotMember, "join the room before posting"))
-            }
+            Some(u) if !self.is_member(u) => Err(Fail::new(
+                ErrorCode::NotMember,
+                "join the room before posting",
+            )),
             _ => Ok(()),
         }
     }
@@ -185,7 +194,9 @@ impl RoomActor {
         if self.channel.kind != ChannelKind::Room {
             return Err(Fail::new(ErrorCode::WrongRoomKind, "not a chat room"));
         }
-        self.room.as_ref().ok_or_else(|| Fail::new(ErrorCode::RoomNotFound, "no such room"))
+        self.room
+            .as_ref()
+            .ok_or_else(|| Fail::new(ErrorCode::RoomNotFound, "no such room"))
     }
 
     async fn ensure_channel(&mut self) -> Result<ChannelHead, Fail> {
@@ -195,7 +206,11 @@ impl RoomActor {
         if self.channel.kind == ChannelKind::Room && self.room.is_none() {
             return Err(Fail::new(ErrorCode::RoomNotFound, "no such room"));
         }
-        let head = self.svc.store.create_channel(&self.key, &new_epoch()).await?;
+        let head = self
+            .svc
+            .store
+            .create_channel(&self.key, &new_epoch())
+            .await?;
         self.head = Some(head.clone());
         Ok(head)
     }
@@ -204,7 +219,12 @@ impl RoomActor {
         if let Some(m) = self.markers.get(user) {
             return Ok(*m);
         }
-        let m = self.svc.store.read_marker(&self.key, user).await?.unwrap_or(0);
+        let m = self
+            .svc
+            .store
+            .read_marker(&self.key, user)
+            .await?
+            .unwrap_or(0);
         self.markers.insert(user.to_string(), m);
         Ok(m)
     }
@@ -244,7 +264,11 @@ impl RoomActor {
             waiting.push(replier);
             return None;
         }
-        if let Some(p) = self.queue.iter_mut().find(|p| p.entry.client_id.as_deref() == Some(client_id)) {
+        if let Some(p) = self
+            .queue
+            .iter_mut()
+            .find(|p| p.entry.client_id.as_deref() == Some(client_id))
+        {
             p.duplicates.push(replier);
             return None;
         }
@@ -260,7 +284,12 @@ impl RoomActor {
         };
         match (known, &self.head) {
             (Some(offset), Some(head)) => {
-                let res = Published { channel: self.key.clone(), epoch: head.epoch.clone(), offset, duplicate: true };
+                let res = Published {
+                    channel: self.key.clone(),
+                    epoch: head.epoch.clone(),
+                    offset,
+                    duplicate: true,
+                };
                 replier.send(&self.svc, Ok(to_value(&res))).await;
                 None
             }
@@ -269,7 +298,12 @@ impl RoomActor {
     }
 
     fn enqueue(&mut self, entry: Entry, replier: Replier, after: After) {
-        self.queue.push(Pending { entry, replier, duplicates: Vec::new(), after });
+        self.queue.push(Pending {
+            entry,
+            replier,
+            duplicates: Vec::new(),
+            after,
+        });
         if !self.writing {
             self.start_write();
         }
@@ -277,7 +311,9 @@ impl RoomActor {
 
     /// Numbers everything queued after the committed head and writes it as one batch.
     fn start_write(&mut self) {
-        let Some(head) = self.head.clone() else { return };
+        let Some(head) = self.head.clone() else {
+            return;
+        };
         if self.queue.is_empty() {
             return;
         }
@@ -298,7 +334,8 @@ impl RoomActor {
         }
         for p in &mut batch {
             if let Some(cid) = &p.entry.client_id {
-                self.inflight_ids.insert(cid.clone(), std::mem::take(&mut p.duplicates));
+                self.inflight_ids
+                    .insert(cid.clone(), std::mem::take(&mut p.duplicates));
             }
         }
         self.writing = true;
@@ -310,7 +347,9 @@ impl RoomActor {
             let entries: Vec<Entry> = batch.iter().map(|p| p.entry.clone()).collect();
             let started = Instant::now();
             let result = store.append(&key, &entries).await;
-            metrics.store_append_seconds.observe(started.elapsed().as_secs_f64());
+            metrics
+                .store_append_seconds
+                .observe(started.elapsed().as_secs_f64());
             metrics.append_batch_size.observe(entries.len() as f64);
             if result.is_ok() {
                 for p in &batch {
@@ -342,7 +381,9 @@ impl RoomActor {
         }
         match result {
             Ok(()) => {
-                let Some(mut head) = self.head.clone() else { return };
+                let Some(mut head) = self.head.clone() else {
+                    return;
+                };
                 let mut senders: HashMap<String, u64> = HashMap::new();
                 for p in batch {
                     head.offset = p.entry.offset;
@@ -360,7 +401,10 @@ impl RoomActor {
                     };
                     p.replier.send(&self.svc, Ok(to_value(&res))).await;
                     for d in p.duplicates {
-                        let dup = Published { duplicate: true, ..res.clone() };
+                        let dup = Published {
+                            duplicate: true,
+                            ..res.clone()
+                        };
                         d.send(&self.svc, Ok(to_value(&dup))).await;
                     }
                     self.apply_membership(&p.entry);
@@ -384,7 +428,9 @@ impl RoomActor {
                 // way our head may be stale: reload it before numbering more.
                 match self.svc.store.channel_head(&self.key).await {
                     Ok(h) => self.head = h,
-                    Err(e) => tracing::error!(channel = %self.key, error = %e, "reloading head failed"),
+                    Err(e) => {
+                        tracing::error!(channel = %self.key, error = %e, "reloading head failed")
+                    }
                 }
                 for p in batch {
                     p.replier.send(&self.svc, Err(fail.clone())).await;
@@ -427,7 +473,10 @@ impl RoomActor {
             ephemeral: false,
             data: to_value(entry),
         }));
-        let deliver = Deliver { channel: self.key.clone(), frame: Arc::new(frame) };
+        let deliver = Deliver {
+            channel: self.key.clone(),
+            frame: Arc::new(frame),
+        };
         if self.svc.hub.tell(deliver).await.is_err() {
             tracing::debug!(channel = %self.key, "hub gone");
         }
@@ -442,21 +491,39 @@ impl RoomActor {
             Some(self.key.clone()),
             data,
         )));
-        let _ = self.svc.hub.tell(Deliver { channel: self.key.clone(), frame: Arc::new(frame) }).await;
+        let _ = self
+            .svc
+            .hub
+            .tell(Deliver {
+                channel: self.key.clone(),
+                frame: Arc::new(frame),
+            })
+            .await;
     }
 
     /// Direct messages and @mentions become notifications for their recipients.
     fn notify_for(&self, e: &Entry) {
-        let (Some(room), Some(sender)) = (&self.room, &e.sender) else { return };
+        let (Some(room), Some(sender)) = (&self.room, &e.sender) else {
+            return;
+        };
         let text = e.text.clone().unwrap_or_default();
         let mut targets: Vec<(String, &str)> = Vec::new();
         if room.kind == RoomKind::Direct {
-            targets.extend(self.members.keys().filter(|u| *u != sender).map(|u| (u.clone(), "chat.direct")));
+            targets.extend(
+                self.members
+                    .keys()
+                    .filter(|u| *u != sender)
+                    .map(|u| (u.clone(), "chat.direct")),
+            );
         } else {
             for word in text.split_whitespace() {
                 if let Some(name) = word.strip_prefix('@') {
-                    let name = name.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_' && c != '-');
-                    if name != sender && self.members.contains_key(name) && !targets.iter().any(|(u, _)| u == name) {
+                    let name = name
+                        .trim_end_matches(|c: char| !c.is_alphanumeric() && c != '_' && c != '-');
+                    if name != sender
+                        && self.members.contains_key(name)
+                        && !targets.iter().any(|(u, _)| u == name)
+                    {
                         targets.push((name.to_string(), "chat.mention"));
                     }
                 }
@@ -469,7 +536,10 @@ impl RoomActor {
         let room_id = room.id.clone();
         let title = match room.kind {
             RoomKind::Direct => format!("{sender} sent you a message"),
-            _ => format!("{sender} mentioned you in {}", room.name.as_deref().unwrap_or(&room.id)),
+            _ => format!(
+                "{sender} mentioned you in {}",
+                room.name.as_deref().unwrap_or(&room.id)
+            ),
         };
         let preview: String = text.chars().take(140).collect();
         let offset = e.offset;
@@ -486,7 +556,16 @@ impl RoomActor {
                     room: Some(room_id.clone()),
                     expires_at: None,
                 };
-                if let Err(f) = svc.tell_user(&user, Notify { spec, replier: Replier::None }).await {
+                if let Err(f) = svc
+                    .tell_user(
+                        &user,
+                        Notify {
+                            spec,
+                            replier: Replier::None,
+                        },
+                    )
+                    .await
+                {
                     tracing::warn!(%user, error = %f, "chat notification not delivered");
                 }
             }
@@ -518,11 +597,22 @@ impl RoomActor {
     }
 
     async fn drop_user_subscriptions(&mut self, user: &str) {
-        let conns: Vec<ConnId> =
-            self.subscribers.iter().filter(|(_, u)| *u == user).map(|(c, _)| *c).collect();
+        let conns: Vec<ConnId> = self
+            .subscribers
+            .iter()
+            .filter(|(_, u)| *u == user)
+            .map(|(c, _)| *c)
+            .collect();
         for conn in conns {
             self.subscribers.remove(&conn);
-            let _ = self.svc.hub.tell(HubUnsubscribe { channel: self.key.clone(), conn }).await;
+            let _ = self
+                .svc
+                .hub
+                .tell(HubUnsubscribe {
+                    channel: self.key.clone(),
+                    conn,
+                })
+                .await;
         }
     }
 
@@ -533,8 +623,15 @@ impl RoomActor {
     }
 
     async fn add_member(&mut self, user: &str, role: Role, by: Option<&str>) -> Result<(), Fail> {
-        let member = Member { user: user.to_string(), role, joined_at: now_ms() };
-        self.svc.store.put_member(&self.channel.name, &member).await?;
+        let member = Member {
+            user: user.to_string(),
+            role,
+            joined_at: now_ms(),
+        };
+        self.svc
+            .store
+            .put_member(&self.channel.name, &member)
+            .await?;
         self.members.insert(user.to_string(), member);
         let mut e = self.room_entry(EntryKind::Joined, Some(user.to_string()));
         if let Some(by) = by {
@@ -576,7 +673,11 @@ impl RoomActor {
             } else if offset < head.offset {
                 let mut from = offset + 1;
                 while from <= head.offset {
-                    let page = self.svc.store.read_range(&self.key, from, head.offset, chorus_storage::MAX_PAGE).await?;
+                    let page = self
+                        .svc
+                        .store
+                        .read_range(&self.key, from, head.offset, chorus_storage::MAX_PAGE)
+                        .await?;
                     let Some(last) = page.last() else { break };
                     from = last.offset + 1;
                     res.missed.extend(page);
@@ -590,9 +691,18 @@ impl RoomActor {
         }
         // Reply first, then register: both go through the hub's one mailbox,
         // so the catch-up precedes every live entry after `head`.
-        Replier::Conn { conn, id }.send(&self.svc, Ok(to_value(&res))).await;
+        Replier::Conn { conn, id }
+            .send(&self.svc, Ok(to_value(&res)))
+            .await;
         self.subscribers.insert(conn, user);
-        let _ = self.svc.hub.tell(HubSubscribe { channel: self.key.clone(), conn }).await;
+        let _ = self
+            .svc
+            .hub
+            .tell(HubSubscribe {
+                channel: self.key.clone(),
+                conn,
+            })
+            .await;
         Ok(())
     }
 }
@@ -723,23 +833,36 @@ impl RoomActor {
             if existing.kind == RoomKind::Direct && info.kind == RoomKind::Direct {
                 return Ok(existing.clone());
             }
-            return Err(Fail::new(ErrorCode::RoomExists, "a room with this id exists"));
+            return Err(Fail::new(
+                ErrorCode::RoomExists,
+                "a room with this id exists",
+            ));
         }
         if !self.svc.store.create_room(&info).await? {
             // Created concurrently (another activation): reload and answer like above.
             self.room = self.svc.store.get_room(&self.channel.name).await?;
             return match &self.room {
-                Some(r) if r.kind == RoomKind::Direct && info.kind == RoomKind::Direct => Ok(r.clone()),
-                _ => Err(Fail::new(ErrorCode::RoomExists, "a room with this id exists")),
+                Some(r) if r.kind == RoomKind::Direct && info.kind == RoomKind::Direct => {
+                    Ok(r.clone())
+                }
+                _ => Err(Fail::new(
+                    ErrorCode::RoomExists,
+                    "a room with this id exists",
+                )),
             };
         }
         self.room = Some(info.clone());
         self.ensure_channel().await?;
-        let owner_role = if info.kind == RoomKind::Direct { Role::Member } else { Role::Owner };
+        let owner_role = if info.kind == RoomKind::Direct {
+            Role::Member
+        } else {
+            Role::Owner
+        };
         self.add_member(&info.created_by, owner_role, None).await?;
         for user in members {
             if user != info.created_by && !self.is_member(&user) {
-                self.add_member(&user, Role::Member, Some(&info.created_by)).await?;
+                self.add_member(&user, Role::Member, Some(&info.created_by))
+                    .await?;
             }
         }
         Ok(info)
@@ -759,7 +882,12 @@ impl Message<Join> for RoomActor {
             }
             (Ok(()), None) => {
                 let head = self.head.clone();
-                m.replier.send(&self.svc, Ok(json!({"room": self.channel.name, "head": head}))).await;
+                m.replier
+                    .send(
+                        &self.svc,
+                        Ok(json!({"room": self.channel.name, "head": head})),
+                    )
+                    .await;
             }
             (Err(f), _) => m.replier.send(&self.svc, Err(f)).await,
         }
@@ -787,19 +915,29 @@ impl Message<Leave> for RoomActor {
         // `room.direct` returns the same room, so leaving would lock the pair
         // out of their conversation for good.
         let r = match self.require_room() {
-            Ok(room) if room.kind == RoomKind::Direct => {
-                Err(Fail::new(ErrorCode::WrongRoomKind, "nobody leaves a direct room"))
-            }
+            Ok(room) if room.kind == RoomKind::Direct => Err(Fail::new(
+                ErrorCode::WrongRoomKind,
+                "nobody leaves a direct room",
+            )),
             _ => self.remove(&m.user, None).await,
         };
         if let (Ok(()), Some(conn)) = (&r, m.conn) {
             // The user's other connections to a non-public room follow once the
             // `left` entry is delivered (`After::Removed`).
             if self.subscribers.remove(&conn).is_some() {
-                let _ = self.svc.hub.tell(HubUnsubscribe { channel: self.key.clone(), conn }).await;
+                let _ = self
+                    .svc
+                    .hub
+                    .tell(HubUnsubscribe {
+                        channel: self.key.clone(),
+                        conn,
+                    })
+                    .await;
             }
         }
-        m.replier.send(&self.svc, r.map(|_| json!({"left": true}))).await;
+        m.replier
+            .send(&self.svc, r.map(|_| json!({"left": true})))
+            .await;
     }
 }
 
@@ -809,16 +947,26 @@ impl RoomActor {
         if !self.is_member(user) {
             return Err(Fail::new(ErrorCode::NotMember, "not a member of this room"));
         }
-        self.svc.store.remove_member(&self.channel.name, user).await?;
+        self.svc
+            .store
+            .remove_member(&self.channel.name, user)
+            .await?;
         self.members.remove(user);
         let mut e = self.room_entry(EntryKind::Left, Some(user.to_string()));
         if let Some(by) = by {
             e.data = Some(json!({"by": by}));
         }
-        let room_is_public = self.room.as_ref().is_some_and(|r| r.kind == RoomKind::Public);
+        let room_is_public = self
+            .room
+            .as_ref()
+            .is_some_and(|r| r.kind == RoomKind::Public);
         // A removed user stops receiving a private room's traffic once the
         // `left` entry (which they do see) is delivered.
-        let after = if room_is_public { After::Nothing } else { After::Removed(user.to_string()) };
+        let after = if room_is_public {
+            After::Nothing
+        } else {
+            After::Removed(user.to_string())
+        };
         self.enqueue(e, Replier::None, after);
         Ok(())
     }
@@ -829,7 +977,9 @@ impl Message<Invite> for RoomActor {
     async fn handle(&mut self, m: Invite, _: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
         let r = self.invite(m.by.as_deref(), &m.user).await;
-        m.replier.send(&self.svc, r.map(|_| json!({"invited": m.user}))).await;
+        m.replier
+            .send(&self.svc, r.map(|_| json!({"invited": m.user})))
+            .await;
     }
 }
 
@@ -837,7 +987,10 @@ impl RoomActor {
     async fn invite(&mut self, by: Option<&str>, user: &str) -> Result<(), Fail> {
         let room = self.require_room()?.clone();
         if room.kind == RoomKind::Direct {
-            return Err(Fail::new(ErrorCode::WrongRoomKind, "a direct room has exactly two members"));
+            return Err(Fail::new(
+                ErrorCode::WrongRoomKind,
+                "a direct room has exactly two members",
+            ));
         }
         if let Some(by) = by {
             if !self.is_member(by) {
@@ -860,17 +1013,26 @@ impl Message<Kick> for RoomActor {
         self.last_used = Instant::now();
         let r = match self.require_room() {
             Err(f) => Err(f),
-            Ok(room) if room.kind == RoomKind::Direct => {
-                Err(Fail::new(ErrorCode::WrongRoomKind, "nobody can be removed from a direct room"))
-            }
+            Ok(room) if room.kind == RoomKind::Direct => Err(Fail::new(
+                ErrorCode::WrongRoomKind,
+                "nobody can be removed from a direct room",
+            )),
             Ok(_) => match &m.by {
                 Some(by) if self.members.get(by).is_none_or(|mb| mb.role != Role::Owner) => {
-                    Err(Fail::new(ErrorCode::Forbidden, "only the room's owner may remove members"))
+                    Err(Fail::new(
+                        ErrorCode::Forbidden,
+                        "only the room's owner may remove members",
+                    ))
                 }
-                _ => self.remove(&m.user, m.by.as_deref().or(Some("server"))).await,
+                _ => {
+                    self.remove(&m.user, m.by.as_deref().or(Some("server")))
+                        .await
+                }
             },
         };
-        m.replier.send(&self.svc, r.map(|_| json!({"removed": m.user}))).await;
+        m.replier
+            .send(&self.svc, r.map(|_| json!({"removed": m.user})))
+            .await;
     }
 }
 
@@ -896,8 +1058,22 @@ impl Message<Publish> for RoomActor {
 
 impl RoomActor {
     async fn publish(&mut self, m: Publish) -> Result<(), ()> {
-        let Publish { sender, as_client, kind, text, attachments, reply_to, data, client_id, replier } = m;
-        let check = if as_client { self.check_post(sender.as_deref()) } else { self.require_room_or_any() };
+        let Publish {
+            sender,
+            as_client,
+            kind,
+            text,
+            attachments,
+            reply_to,
+            data,
+            client_id,
+            replier,
+        } = m;
+        let check = if as_client {
+            self.check_post(sender.as_deref())
+        } else {
+            self.require_room_or_any()
+        };
         if let Err(f) = check {
             replier.send(&self.svc, Err(f)).await;
             return Err(());
@@ -914,12 +1090,24 @@ impl RoomActor {
             let target = if r == 0 || r > head.offset {
                 Ok(None)
             } else {
-                self.svc.store.get_entry(&self.key, r).await.map_err(Fail::from)
+                self.svc
+                    .store
+                    .get_entry(&self.key, r)
+                    .await
+                    .map_err(Fail::from)
             };
             match target {
                 Ok(Some(e)) if e.kind == EntryKind::Message => {}
                 Ok(_) => {
-                    replier.send(&self.svc, Err(Fail::new(ErrorCode::MessageNotFound, "reply_to: no such message"))).await;
+                    replier
+                        .send(
+                            &self.svc,
+                            Err(Fail::new(
+                                ErrorCode::MessageNotFound,
+                                "reply_to: no such message",
+                            )),
+                        )
+                        .await;
                     return Err(());
                 }
                 Err(f) => {
@@ -960,18 +1148,28 @@ impl Message<Edit> for RoomActor {
     async fn handle(&mut self, m: Edit, _: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
         match self.prepare_edit(&m.user, m.offset, m.text).await {
-            Ok((log_entry, rewritten)) => self.enqueue(log_entry, m.replier, After::Rewrite(rewritten)),
+            Ok((log_entry, rewritten)) => {
+                self.enqueue(log_entry, m.replier, After::Rewrite(rewritten))
+            }
             Err(f) => m.replier.send(&self.svc, Err(f)).await,
         }
     }
 }
 
 impl RoomActor {
-    async fn prepare_edit(&mut self, user: &str, offset: u64, text: Option<String>) -> Result<(Entry, Entry), Fail> {
+    async fn prepare_edit(
+        &mut self,
+        user: &str,
+        offset: u64,
+        text: Option<String>,
+    ) -> Result<(Entry, Entry), Fail> {
         self.check_post(Some(user))?;
         let head = self.ensure_channel().await?;
         if offset == 0 || offset > head.offset {
-            return Err(Fail::new(ErrorCode::MessageNotFound, "no message at that offset"));
+            return Err(Fail::new(
+                ErrorCode::MessageNotFound,
+                "no message at that offset",
+            ));
         }
         let mut original = self
             .svc
@@ -981,10 +1179,17 @@ impl RoomActor {
             .filter(|e| e.kind == EntryKind::Message && !e.deleted)
             .ok_or_else(|| Fail::new(ErrorCode::MessageNotFound, "no message at that offset"))?;
         if original.sender.as_deref() != Some(user) {
-            return Err(Fail::new(ErrorCode::NotAuthor, "only the author may change a message"));
+            return Err(Fail::new(
+                ErrorCode::NotAuthor,
+                "only the author may change a message",
+            ));
         }
         let now = now_ms();
-        let kind = if text.is_some() { EntryKind::Edit } else { EntryKind::Delete };
+        let kind = if text.is_some() {
+            EntryKind::Edit
+        } else {
+            EntryKind::Delete
+        };
         let mut log_entry = self.room_entry(kind, Some(user.to_string()));
         log_entry.target = Some(offset);
         log_entry.text = text.clone();
@@ -1012,7 +1217,11 @@ impl Message<Authorize> for RoomActor {
         match &self.head {
             Some(h) => Ok(h.clone()),
             None if self.channel.kind == ChannelKind::Room => self.ensure_channel().await,
-            None => Ok(ChannelHead { epoch: String::new(), offset: 0, msg_seq: 0 }),
+            None => Ok(ChannelHead {
+                epoch: String::new(),
+                offset: 0,
+                msg_seq: 0,
+            }),
         }
     }
 }
@@ -1026,7 +1235,12 @@ impl Message<Subscribe> for RoomActor {
             Err(f) => Err(f),
         };
         if let Err(f) = r {
-            Replier::Conn { conn: m.conn, id: m.req_id }.send(&self.svc, Err(f)).await;
+            Replier::Conn {
+                conn: m.conn,
+                id: m.req_id,
+            }
+            .send(&self.svc, Err(f))
+            .await;
         }
     }
 }
@@ -1035,7 +1249,14 @@ impl Message<Unsubscribe> for RoomActor {
     type Reply = ();
     async fn handle(&mut self, m: Unsubscribe, _: &mut Context<Self, ()>) {
         if self.subscribers.remove(&m.conn).is_some() {
-            let _ = self.svc.hub.tell(HubUnsubscribe { channel: self.key.clone(), conn: m.conn }).await;
+            let _ = self
+                .svc
+                .hub
+                .tell(HubUnsubscribe {
+                    channel: self.key.clone(),
+                    conn: m.conn,
+                })
+                .await;
         }
     }
 }
@@ -1053,7 +1274,11 @@ impl Message<Typing> for RoomActor {
         }
         if !self.typing_timer {
             self.typing_timer = true;
-            drop(ctx.actor_ref().tell(TypingExpire).send_after(self.svc.config.typing_ttl));
+            drop(
+                ctx.actor_ref()
+                    .tell(TypingExpire)
+                    .send_after(self.svc.config.typing_ttl),
+            );
         }
     }
 }
@@ -1062,7 +1287,10 @@ impl RoomActor {
     async fn push_typing(&self) {
         let mut users: Vec<String> = self.typing.keys().cloned().collect();
         users.sort();
-        let data = to_value(&TypingPush { room: self.channel.name.clone(), users });
+        let data = to_value(&TypingPush {
+            room: self.channel.name.clone(),
+            users,
+        });
         self.push_ephemeral("typing", data).await;
     }
 }
@@ -1079,7 +1307,11 @@ impl Message<TypingExpire> for RoomActor {
         self.typing_timer = false;
         if let Some(next) = self.typing.values().min() {
             self.typing_timer = true;
-            drop(ctx.actor_ref().tell(TypingExpire).send_after(next.saturating_duration_since(now)));
+            drop(
+                ctx.actor_ref()
+                    .tell(TypingExpire)
+                    .send_after(next.saturating_duration_since(now)),
+            );
         }
     }
 }
@@ -1098,13 +1330,23 @@ impl RoomActor {
         self.check_post(Some(user))?;
         let head = self.ensure_channel().await?;
         if offset > head.offset {
-            return Err(Fail::new(ErrorCode::InvalidValue, "offset is past the room's head"));
+            return Err(Fail::new(
+                ErrorCode::InvalidValue,
+                "offset is past the room's head",
+            ));
         }
         let cur = self.read_marker(user).await?;
         if offset > cur {
-            self.svc.store.set_read_marker(&self.key, user, offset).await?;
+            self.svc
+                .store
+                .set_read_marker(&self.key, user, offset)
+                .await?;
             self.markers.insert(user.to_string(), offset);
-            let data = to_value(&ReceiptPush { room: self.channel.name.clone(), user: user.to_string(), offset });
+            let data = to_value(&ReceiptPush {
+                room: self.channel.name.clone(),
+                user: user.to_string(),
+                offset,
+            });
             self.push_ephemeral("receipt", data).await;
         }
         let (marker, unread) = self.unread(user, &head).await?;
@@ -1119,7 +1361,12 @@ impl Message<Summary> for RoomActor {
         let room = self.require_room()?.clone();
         let head = self.ensure_channel().await?;
         let (read_offset, unread) = self.unread(&m.user, &head).await?;
-        Ok(RoomSummary { room, head, read_offset, unread })
+        Ok(RoomSummary {
+            room,
+            head,
+            read_offset,
+            unread,
+        })
     }
 }
 
@@ -1142,7 +1389,11 @@ impl Message<IdleCheck> for RoomActor {
         if idle {
             self.svc.passivate_room(&self.key, ctx.actor_ref());
         } else {
-            drop(ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after));
+            drop(
+                ctx.actor_ref()
+                    .tell(IdleCheck)
+                    .send_after(self.svc.config.passivate_after),
+            );
         }
     }
 }

@@ -42,7 +42,9 @@ struct Registry<A: Actor> {
 
 impl<A: Actor> Registry<A> {
     fn new() -> Self {
-        Registry { map: Mutex::new(HashMap::new()) }
+        Registry {
+            map: Mutex::new(HashMap::new()),
+        }
     }
 
     fn get_or_spawn(&self, key: &str, spawn: impl FnOnce() -> ActorRef<A>) -> ActorRef<A> {
@@ -81,7 +83,10 @@ impl<A: Actor> Registry<A> {
 /// is ordered with that room's pushes), or a caller waiting in-process (the
 /// server API).
 pub enum Replier {
-    Conn { conn: ConnId, id: u64 },
+    Conn {
+        conn: ConnId,
+        id: u64,
+    },
     Waiter(oneshot::Sender<Result<Value, Fail>>),
     /// Nobody waits (internal publishes).
     None,
@@ -104,7 +109,8 @@ impl Replier {
                         Reply::err(id, f.code, f.message)
                     }
                 };
-                svc.send_to(conn, Arc::new(SharedFrame::new(ServerFrame::Reply(reply)))).await;
+                svc.send_to(conn, Arc::new(SharedFrame::new(ServerFrame::Reply(reply))))
+                    .await;
             }
             Replier::Waiter(tx) => {
                 let _ = tx.send(result);
@@ -143,7 +149,10 @@ impl Services {
     ) -> Arc<Services> {
         let hub = {
             let _guard = runtime.enter();
-            Hub::spawn_with_mailbox(Hub::new(metrics.clone()), mailbox::bounded(config.hub_mailbox))
+            Hub::spawn_with_mailbox(
+                Hub::new(metrics.clone()),
+                mailbox::bounded(config.hub_mailbox),
+            )
         };
         Arc::new(Services {
             config,
@@ -274,7 +283,10 @@ impl Services {
                 Err(e) => return Err(send_failed(e)),
             }
         }
-        Err(Fail::new(ErrorCode::Overloaded, "actor is restarting, retry"))
+        Err(Fail::new(
+            ErrorCode::Overloaded,
+            "actor is restarting, retry",
+        ))
     }
 
     async fn ask_placed<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
@@ -296,7 +308,10 @@ impl Services {
                 Err(e) => return Err(send_failed(e)),
             }
         }
-        Err(Fail::new(ErrorCode::Overloaded, "actor is restarting, retry"))
+        Err(Fail::new(
+            ErrorCode::Overloaded,
+            "actor is restarting, retry",
+        ))
     }
 
     /// Stops every room and user actor after its mailbox drains (in-flight
@@ -323,7 +338,8 @@ impl Services {
         if tokio::time::timeout(timeout, wait).await.is_ok() {
             return 0;
         }
-        rooms.iter().filter(|r| r.is_alive()).count() + users.iter().filter(|u| u.is_alive()).count()
+        rooms.iter().filter(|r| r.is_alive()).count()
+            + users.iter().filter(|u| u.is_alive()).count()
     }
 }
 

@@ -80,7 +80,11 @@ impl Actor for UserActor {
         })
     }
 
-    async fn on_stop(&mut self, _: WeakActorRef<Self>, _: ActorStopReason) -> Result<(), StorageError> {
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), StorageError> {
         self.svc.metrics.active_users.dec();
         if !self.pending.is_empty() {
             self.flush().await;
@@ -161,7 +165,10 @@ impl UserActor {
         if let Some(at) = next {
             if self.idle_timer_at.is_none_or(|cur| at < cur) {
                 self.idle_timer_at = Some(at);
-                drop(me.tell(IdleTick).send_after(at.saturating_duration_since(Instant::now())));
+                drop(
+                    me.tell(IdleTick)
+                        .send_after(at.saturating_duration_since(Instant::now())),
+                );
             }
         }
     }
@@ -179,7 +186,12 @@ impl UserActor {
             return;
         }
         let items = std::mem::take(&mut self.pending);
-        let unread = match self.svc.store.unread_notifications(&self.user, now_ms()).await {
+        let unread = match self
+            .svc
+            .store
+            .unread_notifications(&self.user, now_ms())
+            .await
+        {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(user = %self.user, error = %e, "unread count unavailable");
@@ -259,7 +271,13 @@ impl Message<Connected> for UserActor {
     type Reply = ();
     async fn handle(&mut self, m: Connected, ctx: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
-        self.conns.insert(m.conn, ConnState { last_active: Instant::now(), declared_idle: false });
+        self.conns.insert(
+            m.conn,
+            ConnState {
+                last_active: Instant::now(),
+                declared_idle: false,
+            },
+        );
         let me = ctx.actor_ref().clone();
         self.refresh(&me, true).await;
     }
@@ -291,12 +309,19 @@ impl Message<Activity> for UserActor {
 
 impl Message<SetPresence> for UserActor {
     type Reply = Result<Presence, Fail>;
-    async fn handle(&mut self, m: SetPresence, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        m: SetPresence,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         self.last_used = Instant::now();
         let mut force = false;
         if let Some(a) = m.activity {
             if a.len() > MAX_ACTIVITY {
-                return Err(Fail::new(ErrorCode::InvalidValue, format!("activity longer than {MAX_ACTIVITY} bytes")));
+                return Err(Fail::new(
+                    ErrorCode::InvalidValue,
+                    format!("activity longer than {MAX_ACTIVITY} bytes"),
+                ));
             }
             self.activity = (!a.is_empty()).then_some(a);
             force = true;
@@ -309,7 +334,10 @@ impl Message<SetPresence> for UserActor {
                     c.last_active = Instant::now();
                 }
                 Some(Status::Offline) => {
-                    return Err(Fail::new(ErrorCode::InvalidValue, "status may be online or idle; offline follows from disconnecting"));
+                    return Err(Fail::new(
+                        ErrorCode::InvalidValue,
+                        "status may be online or idle; offline follows from disconnecting",
+                    ));
                 }
                 None => {}
             }
@@ -367,7 +395,9 @@ impl Message<Notify> for UserActor {
             return;
         }
         self.svc.metrics.notifications.inc();
-        m.replier.send(&self.svc, Ok(json!({"id": n.id, "user": self.user}))).await;
+        m.replier
+            .send(&self.svc, Ok(json!({"id": n.id, "user": self.user})))
+            .await;
         if self.conns.is_empty() || !self.prefs.pushes(&n) {
             return;
         }
@@ -377,7 +407,11 @@ impl Message<Notify> for UserActor {
             self.flush().await;
         } else if !self.flush_scheduled {
             self.flush_scheduled = true;
-            drop(ctx.actor_ref().tell(FlushNotifications).send_after(self.svc.config.notify_coalesce));
+            drop(
+                ctx.actor_ref()
+                    .tell(FlushNotifications)
+                    .send_after(self.svc.config.notify_coalesce),
+            );
         }
     }
 }
@@ -395,9 +429,17 @@ impl Message<MarkRead> for UserActor {
         self.last_used = Instant::now();
         let now = now_ms();
         let all = m.ids.is_none();
-        let changed = self.svc.store.mark_notifications_read(&self.user, m.ids.as_deref(), now).await?;
+        let changed = self
+            .svc
+            .store
+            .mark_notifications_read(&self.user, m.ids.as_deref(), now)
+            .await?;
         let unread = self.svc.store.unread_notifications(&self.user, now).await?;
-        let push = NotificationsReadPush { ids: changed, all, unread };
+        let push = NotificationsReadPush {
+            ids: changed,
+            all,
+            unread,
+        };
         let frame = Arc::new(SharedFrame::new(ServerFrame::Push(Push::ephemeral(
             "notifications.read",
             None,
@@ -437,7 +479,11 @@ impl Message<IdleCheck> for UserActor {
         if idle {
             self.svc.passivate_user(&self.user, ctx.actor_ref());
         } else {
-            drop(ctx.actor_ref().tell(IdleCheck).send_after(self.svc.config.passivate_after));
+            drop(
+                ctx.actor_ref()
+                    .tell(IdleCheck)
+                    .send_after(self.svc.config.passivate_after),
+            );
         }
     }
 }

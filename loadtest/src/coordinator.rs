@@ -142,6 +142,7 @@ impl Phase {
 /// One run against the targets in `spec`.
 async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Result<Report> {
     let t0 = Instant::now();
+    let cpu_t0 = sys::self_cpu();
     let started_unix_ms = sys::now_ns() / 1_000_000;
     let c = &spec.common;
     let conns = spec.scenario.connections();
@@ -273,7 +274,7 @@ async fn run_once(spec: &RunSpec, run_id: &str, opts: &RunOptions) -> anyhow::Re
     }
     if matches!(mode, WorkerMode::Processes(_)) {
         // The coordinator's own share.
-        let own = sys::self_cpu();
+        let own = sys::self_cpu().minus(cpu_t0);
         merged.cpu = merged.cpu.plus(own);
         merged.process_cpu.push(own);
     }

@@ -307,6 +307,9 @@ pub async fn run_worker(
     events: mpsc::Sender<FromWorker>,
     commands: mpsc::Receiver<ToWorker>,
 ) {
+    // This worker's CPU, not the process's so far (an in-process worker
+    // shares its process with earlier runs).
+    let cpu_start = sys::self_cpu();
     let progress_every = plan.spec.common.progress_secs;
     let ctx = match WorkerCtx::new(plan, events.clone(), commands) {
         Ok(c) => c,
@@ -344,7 +347,7 @@ pub async fn run_worker(
     if let Some(p) = progress {
         p.abort();
     }
-    let last = match result.and_then(|()| Ok(stats.snapshot(sys::self_cpu())?)) {
+    let last = match result.and_then(|()| Ok(stats.snapshot(sys::self_cpu().minus(cpu_start))?)) {
         Ok(snapshot) => FromWorker::Done { snapshot },
         Err(e) => FromWorker::Failed {
             error: format!("{e:#}"),

@@ -32,11 +32,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/rooms", web::post().to(create_room))
             .route("/rooms/{room}", web::get().to(get_room))
             .route("/rooms/{room}/members", web::post().to(add_member))
-            .route("/rooms/{room}/members/{user}", web::delete().to(remove_member))
+            .route(
+                "/rooms/{room}/members/{user}",
+                web::delete().to(remove_member),
+            )
             .route("/rooms/{room}/messages", web::post().to(post_message))
             .route("/rooms/{room}/messages", web::get().to(room_history))
             .route("/notifications", web::post().to(notify))
-            .route("/users/{user}/notifications", web::get().to(list_notifications))
+            .route(
+                "/users/{user}/notifications",
+                web::get().to(list_notifications),
+            )
             .route("/users/{user}/presence", web::get().to(presence))
             .route("/topics/{topic}/publish", web::post().to(publish_topic))
             .route("/feeds", web::post().to(publish_feeds)),
@@ -53,7 +59,9 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         TokenMissing | TokenMalformed | TokenBadSignature | TokenExpired | TokenAlgorithm
         | TokenMissingClaim | TokenUserMismatch | ApiKeyInvalid => StatusCode::UNAUTHORIZED,
         Forbidden | NotMember | NotAuthor => StatusCode::FORBIDDEN,
-        RoomNotFound | MessageNotFound | NotificationNotFound | NotSubscribed => StatusCode::NOT_FOUND,
+        RoomNotFound | MessageNotFound | NotificationNotFound | NotSubscribed => {
+            StatusCode::NOT_FOUND
+        }
         RoomExists | Conflict => StatusCode::CONFLICT,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         StoreUnavailable | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -92,12 +100,19 @@ fn fail(f: Fail) -> ApiError {
 type ApiResult = Result<HttpResponse, ApiError>;
 
 fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let presented = req.headers().get("x-api-key").map(|v| v.as_bytes()).unwrap_or_default();
+    let presented = req
+        .headers()
+        .get("x-api-key")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
     if api_key_matches(presented, &state.api_key) {
         Ok(())
     } else {
         state.services.metrics.error(ErrorCode::ApiKeyInvalid);
-        Err(fail(Fail::new(ErrorCode::ApiKeyInvalid, "missing or wrong x-api-key")))
+        Err(fail(Fail::new(
+            ErrorCode::ApiKeyInvalid,
+            "missing or wrong x-api-key",
+        )))
     }
 }
 
@@ -107,18 +122,32 @@ fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
 pub fn json_error(err: actix_web::error::JsonPayloadError, req: &HttpRequest) -> actix_web::Error {
     use actix_web::error::JsonPayloadError as E;
     let f = match &err {
-        E::OverflowKnownLength { .. } | E::Overflow { .. } => Fail::new(ErrorCode::FrameTooLarge, err.to_string()),
-        E::ContentType => Fail::new(ErrorCode::MalformedFrame, "send `content-type: application/json`"),
+        E::OverflowKnownLength { .. } | E::Overflow { .. } => {
+            Fail::new(ErrorCode::FrameTooLarge, err.to_string())
+        }
+        E::ContentType => Fail::new(
+            ErrorCode::MalformedFrame,
+            "send `content-type: application/json`",
+        ),
         E::Deserialize(e) if e.is_data() => Fail::new(ErrorCode::InvalidArgs, e.to_string()),
-        E::Deserialize(e) => Fail::new(ErrorCode::MalformedFrame, format!("the body is not JSON: {e}")),
+        E::Deserialize(e) => Fail::new(
+            ErrorCode::MalformedFrame,
+            format!("the body is not JSON: {e}"),
+        ),
         _ => Fail::new(ErrorCode::MalformedFrame, "the body could not be read"),
     };
     extractor_error(req, f)
 }
 
 /// A query string the extractor refused (say, `?limit=ten`), like [`json_error`].
-pub fn query_error(err: actix_web::error::QueryPayloadError, req: &HttpRequest) -> actix_web::Error {
-    extractor_error(req, Fail::new(ErrorCode::InvalidArgs, format!("query string: {err}")))
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    req: &HttpRequest,
+) -> actix_web::Error {
+    extractor_error(
+        req,
+        Fail::new(ErrorCode::InvalidArgs, format!("query string: {err}")),
+    )
 }
 
 fn extractor_error(req: &HttpRequest, f: Fail) -> actix_web::Error {
@@ -146,7 +175,9 @@ fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
 /// How long the API waits for an actor's reply, so a request never hangs forever.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn wait_value(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> Result<Value, ApiError> {
+async fn wait_value(
+    rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>,
+) -> Result<Value, ApiError> {
     match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
         Ok(Ok(Ok(v))) => Ok(v),
         Ok(Ok(Err(f))) => Err(fail(f)),
@@ -172,7 +203,11 @@ struct CreateRoom {
     members: Vec<String>,
 }
 
-async fn create_room(req: HttpRequest, state: web::Data<AppState>, body: web::Json<CreateRoom>) -> ApiResult {
+async fn create_room(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<CreateRoom>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let b = body.into_inner();
     check_id("user", &b.created_by)?;
@@ -182,7 +217,9 @@ async fn create_room(req: HttpRequest, state: web::Data<AppState>, body: web::Js
     let id = match (b.kind, b.room) {
         (RoomKind::Direct, _) => {
             let [other] = b.members.as_slice() else {
-                return Err(bad("a direct room has `created_by` and exactly one other member"));
+                return Err(bad(
+                    "a direct room has `created_by` and exactly one other member",
+                ));
             };
             if *other == b.created_by {
                 return Err(bad("a direct room needs two different users"));
@@ -196,23 +233,42 @@ async fn create_room(req: HttpRequest, state: web::Data<AppState>, body: web::Js
         (_, None) => format!("r{}", chorus_actors::room::new_epoch()),
     };
     check_id("room", &id)?;
-    let info = RoomInfo { id: id.clone(), kind: b.kind, name: b.name, created_by: b.created_by, created_at: now_ms() };
+    let info = RoomInfo {
+        id: id.clone(),
+        kind: b.kind,
+        name: b.name,
+        created_by: b.created_by,
+        created_at: now_ms(),
+    };
     let (replier, rx) = Replier::waiter();
     state
         .services
-        .tell_room(&Channel::room(&id).key(), room::Create { info, members: b.members, replier })
+        .tell_room(
+            &Channel::room(&id).key(),
+            room::Create {
+                info,
+                members: b.members,
+                replier,
+            },
+        )
         .await
         .map_err(fail)?;
     wait(rx).await
 }
 
-async fn get_room(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> ApiResult {
+async fn get_room(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
     let store = &state.services.store;
     let room = store.get_room(&id).await.map_err(|e| fail(e.into()))?;
-    let Some(room) = room else { return Err(fail(Fail::new(ErrorCode::RoomNotFound, "no such room"))) };
+    let Some(room) = room else {
+        return Err(fail(Fail::new(ErrorCode::RoomNotFound, "no such room")));
+    };
     let members = state
         .services
         .ask_room(&Channel::room(&id).key(), room::Members { user: None })
@@ -226,22 +282,50 @@ struct AddMember {
     user: String,
 }
 
-async fn add_member(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<AddMember>) -> ApiResult {
+async fn add_member(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<AddMember>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
     let (replier, rx) = Replier::waiter();
-    let msg = room::Invite { by: None, user: body.into_inner().user, replier };
-    state.services.tell_room(&Channel::room(&id).key(), msg).await.map_err(fail)?;
+    let msg = room::Invite {
+        by: None,
+        user: body.into_inner().user,
+        replier,
+    };
+    state
+        .services
+        .tell_room(&Channel::room(&id).key(), msg)
+        .await
+        .map_err(fail)?;
     wait(rx).await
 }
 
-async fn remove_member(req: HttpRequest, state: web::Data<AppState>, path: web::Path<(String, String)>) -> ApiResult {
+async fn remove_member(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let (id, user) = path.into_inner();
     check_id("room", &id)?;
     let (replier, rx) = Replier::waiter();
-    state.services.tell_room(&Channel::room(&id).key(), room::Kick { by: None, user, replier }).await.map_err(fail)?;
+    state
+        .services
+        .tell_room(
+            &Channel::room(&id).key(),
+            room::Kick {
+                by: None,
+                user,
+                replier,
+            },
+        )
+        .await
+        .map_err(fail)?;
     wait(rx).await
 }
 
@@ -259,7 +343,12 @@ struct PostMessage {
     client_id: Option<String>,
 }
 
-async fn post_message(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<PostMessage>) -> ApiResult {
+async fn post_message(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<PostMessage>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
@@ -282,7 +371,11 @@ async fn post_message(req: HttpRequest, state: web::Data<AppState>, path: web::P
         client_id: b.client_id,
         replier,
     };
-    state.services.tell_room(&Channel::room(&id).key(), msg).await.map_err(fail)?;
+    state
+        .services
+        .tell_room(&Channel::room(&id).key(), msg)
+        .await
+        .map_err(fail)?;
     wait(rx).await
 }
 
@@ -293,30 +386,53 @@ struct HistoryQuery {
     limit: Option<usize>,
 }
 
-async fn room_history(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, q: web::Query<HistoryQuery>) -> ApiResult {
+async fn room_history(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    q: web::Query<HistoryQuery>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
     let key = Channel::room(&id).key();
     let svc = &state.services;
-    let head = svc.ask_room(&key, room::Authorize { user: None }).await.map_err(fail)?;
+    let head = svc
+        .ask_room(&key, room::Authorize { user: None })
+        .await
+        .map_err(fail)?;
     let limit = q.limit.unwrap_or(50).clamp(1, svc.config.max_page);
     let store = &svc.store;
     let (entries, more) = if let Some(after) = q.after {
-        let mut v = if after >= head.offset { Vec::new() } else { store.read_range(&key, after + 1, head.offset, limit + 1).await.map_err(|e| fail(e.into()))? };
+        let mut v = if after >= head.offset {
+            Vec::new()
+        } else {
+            store
+                .read_range(&key, after + 1, head.offset, limit + 1)
+                .await
+                .map_err(|e| fail(e.into()))?
+        };
         let more = v.len() > limit;
         v.truncate(limit);
         (v, more)
     } else {
         let before = q.before.unwrap_or(u64::MAX).min(head.offset + 1);
-        let mut v = store.read_before(&key, before, limit + 1).await.map_err(|e| fail(e.into()))?;
+        let mut v = store
+            .read_before(&key, before, limit + 1)
+            .await
+            .map_err(|e| fail(e.into()))?;
         let more = v.len() > limit;
         if more {
             v.remove(0);
         }
         (v, more)
     };
-    Ok(HttpResponse::Ok().json(HistoryPage { channel: key, head, entries, more }))
+    Ok(HttpResponse::Ok().json(HistoryPage {
+        channel: key,
+        head,
+        entries,
+        more,
+    }))
 }
 
 #[derive(Deserialize)]
@@ -347,13 +463,19 @@ fn normal() -> Priority {
     Priority::Normal
 }
 
-async fn notify(req: HttpRequest, state: web::Data<AppState>, body: web::Json<NotifyBody>) -> ApiResult {
+async fn notify(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<NotifyBody>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let b = body.into_inner();
     let mut users = b.users;
     users.extend(b.user);
     if users.is_empty() || users.len() > MAX_RECIPIENTS {
-        return Err(bad(format!("give `user` or `users` (1..={MAX_RECIPIENTS})")));
+        return Err(bad(format!(
+            "give `user` or `users` (1..={MAX_RECIPIENTS})"
+        )));
     }
     for u in &users {
         check_id("user", u)?;
@@ -363,12 +485,33 @@ async fn notify(req: HttpRequest, state: web::Data<AppState>, body: web::Json<No
     }
     // Saturating: a huge `ttl_ms` means "practically never", not an overflow
     // (a panic in debug builds, an expiry in the past in release builds).
-    let expires_at: Option<Millis> = b.ttl_ms.map(|t| now_ms().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
-    let spec = NotifySpec { kind: b.kind, title: b.title, body: b.body, data: b.data, priority: b.priority, category: b.category, room: b.room, expires_at };
+    let expires_at: Option<Millis> = b
+        .ttl_ms
+        .map(|t| now_ms().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
+    let spec = NotifySpec {
+        kind: b.kind,
+        title: b.title,
+        body: b.body,
+        data: b.data,
+        priority: b.priority,
+        category: b.category,
+        room: b.room,
+        expires_at,
+    };
     let mut waits = Vec::with_capacity(users.len());
     for u in &users {
         let (replier, rx) = Replier::waiter();
-        state.services.tell_user(u, Notify { spec: spec.clone(), replier }).await.map_err(fail)?;
+        state
+            .services
+            .tell_user(
+                u,
+                Notify {
+                    spec: spec.clone(),
+                    replier,
+                },
+            )
+            .await
+            .map_err(fail)?;
         waits.push(rx);
     }
     let mut ids = Vec::with_capacity(waits.len());
@@ -387,21 +530,40 @@ struct ListQuery {
     unread_only: bool,
 }
 
-async fn list_notifications(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, q: web::Query<ListQuery>) -> ApiResult {
+async fn list_notifications(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    q: web::Query<ListQuery>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let user = path.into_inner();
     check_id("user", &user)?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     let now = now_ms();
     let store = &state.services.store;
-    let mut items = store.list_notifications(&user, q.before, limit + 1, q.unread_only, now).await.map_err(|e| fail(e.into()))?;
+    let mut items = store
+        .list_notifications(&user, q.before, limit + 1, q.unread_only, now)
+        .await
+        .map_err(|e| fail(e.into()))?;
     let more = items.len() > limit;
     items.truncate(limit);
-    let unread = store.unread_notifications(&user, now).await.map_err(|e| fail(e.into()))?;
-    Ok(HttpResponse::Ok().json(NotifPage { items, unread, more }))
+    let unread = store
+        .unread_notifications(&user, now)
+        .await
+        .map_err(|e| fail(e.into()))?;
+    Ok(HttpResponse::Ok().json(NotifPage {
+        items,
+        unread,
+        more,
+    }))
 }
 
-async fn presence(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>) -> ApiResult {
+async fn presence(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let user = path.into_inner();
     check_id("user", &user)?;
@@ -412,8 +574,19 @@ async fn presence(req: HttpRequest, state: web::Data<AppState>, path: web::Path<
     let p = match p {
         Some(p) => p,
         None => {
-            let last_seen = state.services.store.last_seen(&user).await.map_err(|e| fail(e.into()))?;
-            Presence { user, status: Status::Offline, last_seen, activity: None, devices: 0 }
+            let last_seen = state
+                .services
+                .store
+                .last_seen(&user)
+                .await
+                .map_err(|e| fail(e.into()))?;
+            Presence {
+                user,
+                status: Status::Offline,
+                last_seen,
+                activity: None,
+                devices: 0,
+            }
         }
     };
     Ok(HttpResponse::Ok().json(p))
@@ -440,13 +613,25 @@ fn publish_msg(data: Value, client_id: Option<String>, replier: Replier) -> room
     }
 }
 
-async fn publish_topic(req: HttpRequest, state: web::Data<AppState>, path: web::Path<String>, body: web::Json<PublishBody>) -> ApiResult {
+async fn publish_topic(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<PublishBody>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let topic = path.into_inner();
     check_id("topic", &topic)?;
     let b = body.into_inner();
     let (replier, rx) = Replier::waiter();
-    state.services.tell_room(&Channel::topic(&topic).key(), publish_msg(b.data, b.client_id, replier)).await.map_err(fail)?;
+    state
+        .services
+        .tell_room(
+            &Channel::topic(&topic).key(),
+            publish_msg(b.data, b.client_id, replier),
+        )
+        .await
+        .map_err(fail)?;
     wait(rx).await
 }
 
@@ -456,7 +641,11 @@ struct FeedsBody {
     data: Value,
 }
 
-async fn publish_feeds(req: HttpRequest, state: web::Data<AppState>, body: web::Json<FeedsBody>) -> ApiResult {
+async fn publish_feeds(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<FeedsBody>,
+) -> ApiResult {
     check_key(&req, &state)?;
     let b = body.into_inner();
     if b.users.is_empty() || b.users.len() > MAX_RECIPIENTS {
@@ -468,7 +657,14 @@ async fn publish_feeds(req: HttpRequest, state: web::Data<AppState>, body: web::
     let mut waits = Vec::with_capacity(b.users.len());
     for u in &b.users {
         let (replier, rx) = Replier::waiter();
-        state.services.tell_room(&Channel::feed(u).key(), publish_msg(b.data.clone(), None, replier)).await.map_err(fail)?;
+        state
+            .services
+            .tell_room(
+                &Channel::feed(u).key(),
+                publish_msg(b.data.clone(), None, replier),
+            )
+            .await
+            .map_err(fail)?;
         waits.push(rx);
     }
     let mut published = Vec::with_capacity(waits.len());

@@ -41,7 +41,10 @@ impl JwtVerifier {
         let mut keys = Vec::new();
         for alg in &auth.jwt_algorithms {
             let key = match alg.as_str() {
-                "HS256" => (Algorithm::HS256, DecodingKey::from_secret(auth.jwt_secret.as_bytes())),
+                "HS256" => (
+                    Algorithm::HS256,
+                    DecodingKey::from_secret(auth.jwt_secret.as_bytes()),
+                ),
                 "RS256" | "ES256" => {
                     let path = auth
                         .jwt_public_key_file
@@ -50,16 +53,25 @@ impl JwtVerifier {
                     let pem = std::fs::read(path)
                         .with_context(|| format!("reading {}", path.display()))?;
                     if alg == "RS256" {
-                        (Algorithm::RS256, DecodingKey::from_rsa_pem(&pem).context("RS256 public key")?)
+                        (
+                            Algorithm::RS256,
+                            DecodingKey::from_rsa_pem(&pem).context("RS256 public key")?,
+                        )
                     } else {
-                        (Algorithm::ES256, DecodingKey::from_ec_pem(&pem).context("ES256 public key")?)
+                        (
+                            Algorithm::ES256,
+                            DecodingKey::from_ec_pem(&pem).context("ES256 public key")?,
+                        )
                     }
                 }
                 other => anyhow::bail!("unsupported JWT algorithm {other}"),
             };
             keys.push(key);
         }
-        Ok(JwtVerifier { keys, leeway: auth.leeway_secs })
+        Ok(JwtVerifier {
+            keys,
+            leeway: auth.leeway_secs,
+        })
     }
 }
 
@@ -74,36 +86,69 @@ fn header_alg(token: &str) -> Result<String, Fail> {
         .decode(header.trim_end_matches('='))
         .map_err(|_| malformed())?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
-    v.get("alg").and_then(Value::as_str).map(str::to_string).ok_or_else(malformed)
+    v.get("alg")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(malformed)
 }
 
 impl TokenVerifier for JwtVerifier {
     fn verify(&self, token: &str) -> Result<Claims, Fail> {
         let alg = header_alg(token)?;
         let Some((algorithm, key)) = self.keys.iter().find(|(a, _)| format!("{a:?}") == alg) else {
-            return Err(Fail::new(ErrorCode::TokenAlgorithm, format!("algorithm `{}` is not accepted", alg.chars().take(16).collect::<String>())));
+            return Err(Fail::new(
+                ErrorCode::TokenAlgorithm,
+                format!(
+                    "algorithm `{}` is not accepted",
+                    alg.chars().take(16).collect::<String>()
+                ),
+            ));
         };
         let mut validation = Validation::new(*algorithm);
         validation.leeway = self.leeway;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
-        let data = jsonwebtoken::decode::<RawClaims>(token, key, &validation).map_err(|e| match e.kind() {
-            JwtErrorKind::InvalidSignature => Fail::new(ErrorCode::TokenBadSignature, "token signature does not verify"),
-            JwtErrorKind::ExpiredSignature => Fail::new(ErrorCode::TokenExpired, "token expired"),
-            JwtErrorKind::InvalidAlgorithm | JwtErrorKind::InvalidAlgorithmName | JwtErrorKind::MissingAlgorithm => {
-                Fail::new(ErrorCode::TokenAlgorithm, "token algorithm is not accepted")
-            }
-            JwtErrorKind::MissingRequiredClaim(c) => Fail::new(ErrorCode::TokenMissingClaim, format!("token lacks the `{c}` claim")),
-            JwtErrorKind::InvalidClaimFormat(c) => Fail::new(ErrorCode::TokenMissingClaim, format!("token claim `{c}` has the wrong type")),
-            JwtErrorKind::Json(_) => Fail::new(ErrorCode::TokenMissingClaim, "token claims lack `sub` or `exp`, or have wrong types"),
-            _ => Fail::new(ErrorCode::TokenMalformed, "token is not a well-formed JWT"),
-        })?;
+        let data =
+            jsonwebtoken::decode::<RawClaims>(token, key, &validation).map_err(|e| {
+                match e.kind() {
+                    JwtErrorKind::InvalidSignature => Fail::new(
+                        ErrorCode::TokenBadSignature,
+                        "token signature does not verify",
+                    ),
+                    JwtErrorKind::ExpiredSignature => {
+                        Fail::new(ErrorCode::TokenExpired, "token expired")
+                    }
+                    JwtErrorKind::InvalidAlgorithm
+                    | JwtErrorKind::InvalidAlgorithmName
+                    | JwtErrorKind::MissingAlgorithm => {
+                        Fail::new(ErrorCode::TokenAlgorithm, "token algorithm is not accepted")
+                    }
+                    JwtErrorKind::MissingRequiredClaim(c) => Fail::new(
+                        ErrorCode::TokenMissingClaim,
+                        format!("token lacks the `{c}` claim"),
+                    ),
+                    JwtErrorKind::InvalidClaimFormat(c) => Fail::new(
+                        ErrorCode::TokenMissingClaim,
+                        format!("token claim `{c}` has the wrong type"),
+                    ),
+                    JwtErrorKind::Json(_) => Fail::new(
+                        ErrorCode::TokenMissingClaim,
+                        "token claims lack `sub` or `exp`, or have wrong types",
+                    ),
+                    _ => Fail::new(ErrorCode::TokenMalformed, "token is not a well-formed JWT"),
+                }
+            })?;
         let c = data.claims;
         let user = c
             .sub
             .as_str()
             .filter(|s| valid_id(s))
-            .ok_or_else(|| Fail::new(ErrorCode::TokenMissingClaim, "`sub` must be a user id string"))?
+            .ok_or_else(|| {
+                Fail::new(
+                    ErrorCode::TokenMissingClaim,
+                    "`sub` must be a user id string",
+                )
+            })?
             .to_string();
         let exp = c
             .exp
@@ -120,9 +165,15 @@ impl TokenVerifier for JwtVerifier {
 }
 
 /// Mints an HS256 development token for `user` valid for `ttl`, with extra claims merged in.
-pub fn mint_token(secret: &str, user: &str, ttl: Duration, extra_claims: Option<Value>) -> anyhow::Result<String> {
+pub fn mint_token(
+    secret: &str,
+    user: &str,
+    ttl: Duration,
+    extra_claims: Option<Value>,
+) -> anyhow::Result<String> {
     let now = chorus_protocol::now_ms() / 1000;
-    let mut claims = serde_json::json!({"sub": user, "iat": now, "exp": now + ttl.as_secs() as i64});
+    let mut claims =
+        serde_json::json!({"sub": user, "iat": now, "exp": now + ttl.as_secs() as i64});
     if let Some(Value::Object(extra)) = extra_claims {
         if let Value::Object(map) = &mut claims {
             for (k, v) in extra {
@@ -132,15 +183,21 @@ pub fn mint_token(secret: &str, user: &str, ttl: Duration, extra_claims: Option<
     } else if extra_claims.is_some() {
         anyhow::bail!("extra claims must be a JSON object");
     }
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-        .context("signing token")
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .context("signing token")
 }
 
 /// Parses `90s`, `15m`, `1h`, `7d` (or plain seconds).
 pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("`{s}` is not a duration like 90s, 15m, 1h, 7d"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a duration like 90s, 15m, 1h, 7d"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
@@ -170,7 +227,13 @@ mod tests {
 
     #[test]
     fn good_token_gives_claims() {
-        let t = mint_token(crate::config::DEV_SECRET, "alice", Duration::from_secs(60), Some(serde_json::json!({"rooms": ["a*"], "publish": ["post:*"]}))).unwrap();
+        let t = mint_token(
+            crate::config::DEV_SECRET,
+            "alice",
+            Duration::from_secs(60),
+            Some(serde_json::json!({"rooms": ["a*"], "publish": ["post:*"]})),
+        )
+        .unwrap();
         let c = verifier().verify(&t).unwrap();
         assert_eq!(c.user, "alice");
         assert!(c.may_use_room("abc") && !c.may_use_room("b"));
@@ -182,14 +245,33 @@ mod tests {
         let wrong_key = mint_token("other-secret", "alice", Duration::from_secs(60), None).unwrap();
         assert_eq!(code(&wrong_key), ErrorCode::TokenBadSignature);
         let now = chorus_protocol::now_ms() / 1000;
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &serde_json::json!({"sub": "a", "exp": now - 120}), &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes())).unwrap();
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "a", "exp": now - 120}),
+            &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes()),
+        )
+        .unwrap();
         assert_eq!(code(&expired), ErrorCode::TokenExpired);
-        let no_sub = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &serde_json::json!({"exp": now + 60}), &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes())).unwrap();
+        let no_sub = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"exp": now + 60}),
+            &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes()),
+        )
+        .unwrap();
         assert_eq!(code(&no_sub), ErrorCode::TokenMissingClaim);
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let none = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&format!(r#"{{"sub":"a","exp":{}}}"#, now + 60)));
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&format!(r#"{{"sub":"a","exp":{}}}"#, now + 60))
+        );
         assert_eq!(code(&none), ErrorCode::TokenAlgorithm);
-        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &serde_json::json!({"sub": "a", "exp": now + 60}), &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes())).unwrap();
+        let hs512 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS512),
+            &serde_json::json!({"sub": "a", "exp": now + 60}),
+            &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes()),
+        )
+        .unwrap();
         assert_eq!(code(&hs512), ErrorCode::TokenAlgorithm);
         assert_eq!(code("not-a-jwt"), ErrorCode::TokenMalformed);
     }
@@ -208,14 +290,28 @@ mod tests {
             _ => EncodingKey::from_ec_pem(&pem).unwrap(),
         };
         let now = chorus_protocol::now_ms() / 1000;
-        let t = jsonwebtoken::encode(&Header::new(algorithm), &serde_json::json!({"sub": "dave", "exp": now + 60}), &key).unwrap();
+        let t = jsonwebtoken::encode(
+            &Header::new(algorithm),
+            &serde_json::json!({"sub": "dave", "exp": now + 60}),
+            &key,
+        )
+        .unwrap();
         assert_eq!(v.verify(&t).unwrap().user, "dave");
         // An HS256 token is refused by a node that accepts only the asymmetric algorithm.
-        let hs = mint_token(crate::config::DEV_SECRET, "dave", Duration::from_secs(60), None).unwrap();
+        let hs = mint_token(
+            crate::config::DEV_SECRET,
+            "dave",
+            Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
         assert_eq!(v.verify(&hs).unwrap_err().code, ErrorCode::TokenAlgorithm);
         // A token signed by another key fails the signature check.
         let forged = format!("{}.{}", t.rsplit_once('.').unwrap().0, "AAAA");
-        assert_eq!(v.verify(&forged).unwrap_err().code, ErrorCode::TokenBadSignature);
+        assert_eq!(
+            v.verify(&forged).unwrap_err().code,
+            ErrorCode::TokenBadSignature
+        );
     }
 
     #[test]

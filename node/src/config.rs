@@ -65,7 +65,11 @@ pub struct NodeSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection { id: String::new(), listen: "127.0.0.1:7600".to_string(), http_workers: 0 }
+        NodeSection {
+            id: String::new(),
+            listen: "127.0.0.1:7600".to_string(),
+            http_workers: 0,
+        }
     }
 }
 
@@ -154,7 +158,9 @@ pub struct PresenceSection {
 
 impl Default for PresenceSection {
     fn default() -> Self {
-        PresenceSection { idle_after_ms: 120_000 }
+        PresenceSection {
+            idle_after_ms: 120_000,
+        }
     }
 }
 
@@ -167,7 +173,9 @@ pub struct ChatSection {
 
 impl Default for ChatSection {
     fn default() -> Self {
-        ChatSection { typing_ttl_ms: 5_000 }
+        ChatSection {
+            typing_ttl_ms: 5_000,
+        }
     }
 }
 
@@ -182,7 +190,10 @@ pub struct NotificationsSection {
 
 impl Default for NotificationsSection {
     fn default() -> Self {
-        NotificationsSection { coalesce_ms: 50, purge_interval_ms: 60_000 }
+        NotificationsSection {
+            coalesce_ms: 50,
+            purge_interval_ms: 60_000,
+        }
     }
 }
 
@@ -201,7 +212,12 @@ pub struct ActorsSection {
 
 impl Default for ActorsSection {
     fn default() -> Self {
-        ActorsSection { threads: 0, passivate_after_ms: 300_000, mailbox: 1024, hub_mailbox: 65_536 }
+        ActorsSection {
+            threads: 0,
+            passivate_after_ms: 300_000,
+            mailbox: 1024,
+            hub_mailbox: 65_536,
+        }
     }
 }
 
@@ -227,7 +243,9 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { level: "info".to_string() }
+        LogSection {
+            level: "info".to_string(),
+        }
     }
 }
 
@@ -247,14 +265,22 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         c.auth.jwt_secret = v.to_string();
         Ok(())
     }),
-    ("CHORUS_AUTH_JWT_PUBLIC_KEY_FILE", "auth.jwt_public_key_file", |c, v| {
-        c.auth.jwt_public_key_file = Some(PathBuf::from(v));
-        Ok(())
-    }),
-    ("CHORUS_AUTH_JWT_ALGORITHMS", "auth.jwt_algorithms", |c, v| {
-        c.auth.jwt_algorithms = v.split(',').map(|s| s.trim().to_string()).collect();
-        Ok(())
-    }),
+    (
+        "CHORUS_AUTH_JWT_PUBLIC_KEY_FILE",
+        "auth.jwt_public_key_file",
+        |c, v| {
+            c.auth.jwt_public_key_file = Some(PathBuf::from(v));
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_AUTH_JWT_ALGORITHMS",
+        "auth.jwt_algorithms",
+        |c, v| {
+            c.auth.jwt_algorithms = v.split(',').map(|s| s.trim().to_string()).collect();
+            Ok(())
+        },
+    ),
     ("CHORUS_AUTH_API_KEY", "auth.api_key", |c, v| {
         c.auth.api_key = v.to_string();
         Ok(())
@@ -267,26 +293,46 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
         };
         Ok(())
     }),
-    ("CHORUS_STORAGE_EMBEDDED_PATH", "storage.embedded.path", |c, v| {
-        c.storage.embedded.path = PathBuf::from(v);
-        Ok(())
-    }),
-    ("CHORUS_STORAGE_SCYLLA_CONTACT_POINTS", "storage.scylla.contact_points", |c, v| {
-        c.storage.scylla.contact_points = v.split(',').map(|s| s.trim().to_string()).collect();
-        Ok(())
-    }),
-    ("CHORUS_STORAGE_SCYLLA_KEYSPACE", "storage.scylla.keyspace", |c, v| {
-        c.storage.scylla.keyspace = v.to_string();
-        Ok(())
-    }),
-    ("CHORUS_STORAGE_SCYLLA_USERNAME", "storage.scylla.username", |c, v| {
-        c.storage.scylla.username = Some(v.to_string());
-        Ok(())
-    }),
-    ("CHORUS_STORAGE_SCYLLA_PASSWORD", "storage.scylla.password", |c, v| {
-        c.storage.scylla.password = Some(v.to_string());
-        Ok(())
-    }),
+    (
+        "CHORUS_STORAGE_EMBEDDED_PATH",
+        "storage.embedded.path",
+        |c, v| {
+            c.storage.embedded.path = PathBuf::from(v);
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_STORAGE_SCYLLA_CONTACT_POINTS",
+        "storage.scylla.contact_points",
+        |c, v| {
+            c.storage.scylla.contact_points = v.split(',').map(|s| s.trim().to_string()).collect();
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_STORAGE_SCYLLA_KEYSPACE",
+        "storage.scylla.keyspace",
+        |c, v| {
+            c.storage.scylla.keyspace = v.to_string();
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_STORAGE_SCYLLA_USERNAME",
+        "storage.scylla.username",
+        |c, v| {
+            c.storage.scylla.username = Some(v.to_string());
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_STORAGE_SCYLLA_PASSWORD",
+        "storage.scylla.password",
+        |c, v| {
+            c.storage.scylla.password = Some(v.to_string());
+            Ok(())
+        },
+    ),
     ("CHORUS_LOG_LEVEL", "log.level", |c, v| {
         c.log.level = v.to_string();
         Ok(())
@@ -296,7 +342,12 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
 impl Config {
     /// Parses a TOML document; unknown keys are an error naming the key.
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message().trim().to_string() + &location(text, e.span())))?;
+        let config: Config = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}",
+                e.message().trim().to_string() + &location(text, e.span())
+            )
+        })?;
         Ok(config)
     }
 
@@ -326,7 +377,10 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.version != CONFIG_VERSION {
-            bail!("version = {}: this node reads config version {CONFIG_VERSION}", self.version);
+            bail!(
+                "version = {}: this node reads config version {CONFIG_VERSION}",
+                self.version
+            );
         }
         self.listen_addr()?;
         if self.auth.jwt_algorithms.is_empty() {
@@ -334,22 +388,31 @@ impl Config {
         }
         for alg in &self.auth.jwt_algorithms {
             match alg.as_str() {
-                "HS256" if self.auth.jwt_secret.is_empty() => bail!("auth.jwt_secret is empty but HS256 is accepted"),
+                "HS256" if self.auth.jwt_secret.is_empty() => {
+                    bail!("auth.jwt_secret is empty but HS256 is accepted")
+                }
                 "HS256" => {}
                 "RS256" | "ES256" if self.auth.jwt_public_key_file.is_none() => {
                     bail!("auth.jwt_public_key_file is required for {alg}")
                 }
                 "RS256" | "ES256" => {}
-                other => bail!("auth.jwt_algorithms: `{other}` is not supported (HS256, RS256, ES256)"),
+                other => {
+                    bail!("auth.jwt_algorithms: `{other}` is not supported (HS256, RS256, ES256)")
+                }
             }
         }
         if self.auth.api_key.len() < 8 {
             bail!("auth.api_key must be at least 8 characters");
         }
-        if self.limits.max_frame_bytes == 0 || self.limits.hard_max_frame_bytes < self.limits.max_frame_bytes {
+        if self.limits.max_frame_bytes == 0
+            || self.limits.hard_max_frame_bytes < self.limits.max_frame_bytes
+        {
             bail!("limits.hard_max_frame_bytes must be >= limits.max_frame_bytes > 0");
         }
-        if self.limits.outbound_queue == 0 || self.actors.mailbox == 0 || self.actors.hub_mailbox == 0 {
+        if self.limits.outbound_queue == 0
+            || self.actors.mailbox == 0
+            || self.actors.hub_mailbox == 0
+        {
             bail!("queue and mailbox sizes must be > 0");
         }
         if self.limits.rate_per_sec == 0 {
@@ -398,7 +461,12 @@ impl Config {
 fn rand_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish() as u32
 }
 
@@ -447,7 +515,9 @@ mod tests {
         assert_eq!(c.auth.api_key, "a-long-api-key");
         assert_eq!(c.storage.backend, Backend::Scylla);
         let bad: HashMap<String, String> =
-            [("CHORUS_STORAGE_BACKEND".to_string(), "mysql".to_string())].into_iter().collect();
+            [("CHORUS_STORAGE_BACKEND".to_string(), "mysql".to_string())]
+                .into_iter()
+                .collect();
         assert!(Config::load(None, &bad).is_err());
     }
 
@@ -459,7 +529,10 @@ mod tests {
         let mut c = Config::default();
         c.auth.jwt_algorithms = vec!["RS256".into()];
         assert!(c.validate().is_err());
-        let c = Config { version: 2, ..Config::default() };
+        let c = Config {
+            version: 2,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
     }
 }

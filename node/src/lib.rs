@@ -56,11 +56,15 @@ pub struct NodeHandle {
 pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     config.validate()?;
     let node_id = config.node_id();
-    let store = chorus_storage::open(&config.storage).await.context("opening the store")?;
+    let store = chorus_storage::open(&config.storage)
+        .await
+        .context("opening the store")?;
     let metrics = Arc::new(Metrics::new());
     let verifier = Arc::new(auth::JwtVerifier::from_config(&config.auth)?);
     let threads = match config.actors.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
         n => n,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -69,7 +73,13 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         .enable_all()
         .build()
         .context("starting the actor runtime")?;
-    let services = Services::new(config.actor_config(node_id.clone()), store, metrics, verifier, runtime.handle().clone());
+    let services = Services::new(
+        config.actor_config(node_id.clone()),
+        store,
+        metrics,
+        verifier,
+        runtime.handle().clone(),
+    );
 
     let listener = TcpListener::bind(config.listen_addr()?)
         .with_context(|| format!("binding {}", config.node.listen))?;
@@ -95,7 +105,11 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(web::JsonConfig::default().limit(json_limit).error_handler(api::json_error))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(json_limit)
+                    .error_handler(api::json_error),
+            )
             .app_data(web::QueryConfig::default().error_handler(api::query_error))
             .route("/ws", web::get().to(ws::handshake))
             .route("/healthz", web::get().to(healthz))
@@ -112,10 +126,24 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
     let server_task = tokio::spawn(server);
 
     let background = CancellationToken::new();
-    runtime.spawn(purge_expired(services.clone(), Duration::from_millis(config.notifications.purge_interval_ms.max(100)), background.clone()));
+    runtime.spawn(purge_expired(
+        services.clone(),
+        Duration::from_millis(config.notifications.purge_interval_ms.max(100)),
+        background.clone(),
+    ));
 
     tracing::info!(node = %node_id, %addr, backend = ?config.storage.backend, "node started");
-    Ok(NodeHandle { addr, node_id, services, server: server_handle, server_task, runtime: Some(runtime), ready, background, timeout })
+    Ok(NodeHandle {
+        addr,
+        node_id,
+        services,
+        server: server_handle,
+        server_task,
+        runtime: Some(runtime),
+        ready,
+        background,
+        timeout,
+    })
 }
 
 async fn purge_expired(svc: Arc<Services>, every: Duration, stop: CancellationToken) {
@@ -140,9 +168,13 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if state.ready.load(Ordering::Relaxed) && !state.services.is_stopping() {
-        HttpResponse::Ok().content_type("text/plain").body("ready\n")
+        HttpResponse::Ok()
+            .content_type("text/plain")
+            .body("ready\n")
     } else {
-        HttpResponse::ServiceUnavailable().content_type("text/plain").body("shutting down\n")
+        HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("shutting down\n")
     }
 }
 
@@ -173,7 +205,14 @@ impl NodeHandle {
         self.ready.store(false, Ordering::Relaxed);
         self.server.pause().await;
         // 2. Tell every client to reconnect elsewhere, and wait for sockets to drain.
-        let open = svc.hub.ask(CloseAll { code: close::GOING_AWAY, reason: "node shutting down, reconnect".into() }).await.unwrap_or(0);
+        let open = svc
+            .hub
+            .ask(CloseAll {
+                code: close::GOING_AWAY,
+                reason: "node shutting down, reconnect".into(),
+            })
+            .await
+            .unwrap_or(0);
         let drained = wait_until(self.timeout, || svc.metrics.connections.get() == 0).await;
         tracing::info!(open, drained, "connections closed");
         // 3. Stop the HTTP server (remaining sockets are dropped at the bound).
@@ -191,7 +230,10 @@ impl NodeHandle {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
-        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "node stopped");
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "node stopped"
+        );
         match flushed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!("flushing the store: {e}")),

@@ -60,23 +60,38 @@ enum Command {
 }
 
 fn load(cfg: &ConfigArgs) -> anyhow::Result<Config> {
-    let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with("CHORUS_")).collect();
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("CHORUS_"))
+        .collect();
     Config::load(cfg.config.as_deref(), &env)
 }
 
 fn init_tracing(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Token { cfg, user, ttl, claims } => {
+        Command::Token {
+            cfg,
+            user,
+            ttl,
+            claims,
+        } => {
             let config = load(&cfg)?;
-            let extra = claims.map(|c| serde_json::from_str(&c).context("--claims is not JSON")).transpose()?;
-            println!("{}", mint_token(&config.auth.jwt_secret, &user, parse_duration(&ttl)?, extra)?);
+            let extra = claims
+                .map(|c| serde_json::from_str(&c).context("--claims is not JSON"))
+                .transpose()?;
+            println!(
+                "{}",
+                mint_token(&config.auth.jwt_secret, &user, parse_duration(&ttl)?, extra)?
+            );
             Ok(())
         }
         Command::Migrate { cfg } => {
@@ -87,7 +102,12 @@ fn main() -> anyhow::Result<()> {
             println!("schema at version {version}");
             Ok(())
         }
-        Command::Start { cfg, listen, data_dir, node_id } => {
+        Command::Start {
+            cfg,
+            listen,
+            data_dir,
+            node_id,
+        } => {
             let mut config = load(&cfg)?;
             if let Some(l) = listen {
                 config.node.listen = l;
@@ -106,7 +126,9 @@ fn main() -> anyhow::Result<()> {
                     "no config file given: using defaults (embedded store)"
                 );
             }
-            if config.auth.jwt_secret == chorus_node::config::DEV_SECRET || config.auth.api_key == chorus_node::config::DEV_API_KEY {
+            if config.auth.jwt_secret == chorus_node::config::DEV_SECRET
+                || config.auth.api_key == chorus_node::config::DEV_API_KEY
+            {
                 tracing::warn!("running with the development JWT secret or API key: set auth.jwt_secret and auth.api_key for production");
             }
             let rt = tokio::runtime::Runtime::new()?;
@@ -126,14 +148,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

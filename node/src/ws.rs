@@ -37,7 +37,11 @@ const CONN_MAILBOX: usize = 64;
 fn token(req: &HttpRequest) -> Option<String> {
     if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
         // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is as good as `Bearer`.
-        let bearer = h.to_str().ok().and_then(|s| s.split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
+        let bearer = h
+            .to_str()
+            .ok()
+            .and_then(|s| s.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"));
         if let Some((_, t)) = bearer {
             return Some(t.trim().to_string());
         }
@@ -51,7 +55,10 @@ fn token(req: &HttpRequest) -> Option<String> {
 /// speak (the same rule actix-ws uses to answer the handshake).
 fn negotiate(req: &HttpRequest) -> Result<Encoding, Fail> {
     let mut offered = false;
-    for value in req.headers().get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL) {
+    for value in req
+        .headers()
+        .get_all(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL)
+    {
         let Ok(list) = value.to_str() else { continue };
         for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             offered = true;
@@ -61,23 +68,42 @@ fn negotiate(req: &HttpRequest) -> Result<Encoding, Fail> {
         }
     }
     if offered {
-        Err(Fail::new(ErrorCode::WrongEncoding, format!("supported subprotocols: {SUBPROTOCOL_JSON}, {SUBPROTOCOL_MSGPACK}")))
+        Err(Fail::new(
+            ErrorCode::WrongEncoding,
+            format!("supported subprotocols: {SUBPROTOCOL_JSON}, {SUBPROTOCOL_MSGPACK}"),
+        ))
     } else {
         Ok(Encoding::Json)
     }
 }
 
-pub async fn handshake(req: HttpRequest, body: web::Payload, state: web::Data<AppState>) -> HttpResponse {
+pub async fn handshake(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
     let svc = state.services.clone();
     let reject = |f: Fail, status| {
         svc.metrics.error(f.code);
         error_response(status, f)
     };
     if svc.is_stopping() {
-        return reject(Fail::new(ErrorCode::ShuttingDown, "node is shutting down, connect to another node"), actix_web::http::StatusCode::SERVICE_UNAVAILABLE);
+        return reject(
+            Fail::new(
+                ErrorCode::ShuttingDown,
+                "node is shutting down, connect to another node",
+            ),
+            actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+        );
     }
     let Some(token) = token(&req) else {
-        return reject(Fail::new(ErrorCode::TokenMissing, "send a token in `Authorization: Bearer` or `?token=`"), actix_web::http::StatusCode::UNAUTHORIZED);
+        return reject(
+            Fail::new(
+                ErrorCode::TokenMissing,
+                "send a token in `Authorization: Bearer` or `?token=`",
+            ),
+            actix_web::http::StatusCode::UNAUTHORIZED,
+        );
     };
     let claims = match svc.verifier.verify(&token) {
         Ok(c) => c,
@@ -87,19 +113,43 @@ pub async fn handshake(req: HttpRequest, body: web::Payload, state: web::Data<Ap
         Ok(e) => e,
         Err(f) => return reject(f, actix_web::http::StatusCode::BAD_REQUEST),
     };
-    let (response, session, stream) = match actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK]) {
-        Ok(parts) => parts,
-        Err(e) => return e.error_response(),
-    };
+    let (response, session, stream) =
+        match actix_ws::handle_with_protocols(&req, body, &[SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK])
+        {
+            Ok(parts) => parts,
+            Err(e) => return e.error_response(),
+        };
     let (sink, outbox) = outbound(svc.config.outbound_queue);
     let id = svc.next_conn_id();
     let conn = {
         let _guard = svc.runtime().enter();
-        ConnActor::spawn_with_mailbox(ConnArgs { svc: svc.clone(), id, claims, sink: sink.clone() }, mailbox::bounded(CONN_MAILBOX))
+        ConnActor::spawn_with_mailbox(
+            ConnArgs {
+                svc: svc.clone(),
+                id,
+                claims,
+                sink: sink.clone(),
+            },
+            mailbox::bounded(CONN_MAILBOX),
+        )
     };
     let limits = state.limits.clone();
-    actix_web::rt::spawn(write_loop(session.clone(), outbox, encoding, svc.metrics.clone(), limits.ping_interval));
-    actix_web::rt::spawn(read_loop(stream, session, conn, sink, encoding, limits, svc.metrics.clone()));
+    actix_web::rt::spawn(write_loop(
+        session.clone(),
+        outbox,
+        encoding,
+        svc.metrics.clone(),
+        limits.ping_interval,
+    ));
+    actix_web::rt::spawn(read_loop(
+        stream,
+        session,
+        conn,
+        sink,
+        encoding,
+        limits,
+        svc.metrics.clone(),
+    ));
     response
 }
 
@@ -113,7 +163,9 @@ pub struct GatewayLimits {
 }
 
 fn error_frame(id: u64, code: ErrorCode, message: impl Into<String>) -> Arc<SharedFrame> {
-    Arc::new(SharedFrame::new(ServerFrame::Reply(Reply::err(id, code, message))))
+    Arc::new(SharedFrame::new(ServerFrame::Reply(Reply::err(
+        id, code, message,
+    ))))
 }
 
 /// Reads the request id of a frame that is not a valid request, when it has one.
@@ -154,7 +206,10 @@ async fn read_loop(
         let (bytes, frame_encoding) = match msg {
             Err(_) => {
                 metrics.error(ErrorCode::InvalidValue);
-                sink.close(close::IDLE_TIMEOUT, "no frames received within the idle timeout");
+                sink.close(
+                    close::IDLE_TIMEOUT,
+                    "no frames received within the idle timeout",
+                );
                 break;
             }
             Ok(None) => break,
@@ -176,26 +231,52 @@ async fn read_loop(
                 metrics.error(ErrorCode::FrameTooLarge);
                 let _ = session
                     .clone()
-                    .close(Some(CloseReason { code: CloseCode::Size, description: Some("frame too large or invalid".into()) }))
+                    .close(Some(CloseReason {
+                        code: CloseCode::Size,
+                        description: Some("frame too large or invalid".into()),
+                    }))
                     .await;
                 break;
             }
         };
         metrics.frames_in.inc();
         if bytes.len() > limits.max_frame_bytes {
-            reply_error(0, ErrorCode::FrameTooLarge, format!("frame of {} bytes exceeds the {} byte limit", bytes.len(), limits.max_frame_bytes));
+            reply_error(
+                0,
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "frame of {} bytes exceeds the {} byte limit",
+                    bytes.len(),
+                    limits.max_frame_bytes
+                ),
+            );
             continue;
         }
         if frame_encoding != encoding {
-            let want = if encoding == Encoding::Json { "text (JSON)" } else { "binary (MessagePack)" };
-            reply_error(0, ErrorCode::WrongEncoding, format!("this connection uses {want} frames"));
+            let want = if encoding == Encoding::Json {
+                "text (JSON)"
+            } else {
+                "binary (MessagePack)"
+            };
+            reply_error(
+                0,
+                ErrorCode::WrongEncoding,
+                format!("this connection uses {want} frames"),
+            );
             continue;
         }
         let req: RawRequest = match encoding.decode(&bytes) {
             Ok(r) => r,
             Err(e) => {
                 let id = salvage_id(&bytes, encoding);
-                reply_error(id, ErrorCode::MalformedFrame, format!("not a request envelope: {}", e.0.chars().take(200).collect::<String>()));
+                reply_error(
+                    id,
+                    ErrorCode::MalformedFrame,
+                    format!(
+                        "not a request envelope: {}",
+                        e.0.chars().take(200).collect::<String>()
+                    ),
+                );
                 continue;
             }
         };
@@ -211,7 +292,13 @@ async fn closed_signal(sink: &ConnSink) {
     sink.closed().await
 }
 
-async fn write_loop(mut session: Session, outbox: ConnOutbox, encoding: Encoding, metrics: Arc<Metrics>, ping_every: Duration) {
+async fn write_loop(
+    mut session: Session,
+    outbox: ConnOutbox,
+    encoding: Encoding,
+    metrics: Arc<Metrics>,
+    ping_every: Duration,
+) {
     let (mut rx, close_watch) = outbox.split();
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
@@ -253,7 +340,12 @@ async fn write_loop(mut session: Session, outbox: ConnOutbox, encoding: Encoding
     }
 }
 
-async fn send(session: &mut Session, frame: &SharedFrame, encoding: Encoding, metrics: &Metrics) -> Result<(), actix_ws::Closed> {
+async fn send(
+    session: &mut Session,
+    frame: &SharedFrame,
+    encoding: Encoding,
+    metrics: &Metrics,
+) -> Result<(), actix_ws::Closed> {
     let bytes = frame.bytes(encoding);
     metrics.frames_out.inc();
     match encoding {

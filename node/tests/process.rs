@@ -37,8 +37,14 @@ impl Node {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("node printed its address");
-        let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_string();
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("node printed its address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_string();
         Node { child, addr }
     }
 
@@ -50,7 +56,10 @@ impl Node {
 
     fn terminate(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
         self.child.wait().expect("wait")
     }
 }
@@ -62,7 +71,10 @@ fn token(user: &str) -> String {
         .output()
         .expect("chorus token");
     assert!(out.status.success());
-    String::from_utf8(out.stdout).expect("utf8").trim().to_string()
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
 }
 
 async fn history(addr: &str, room: &str) -> Vec<Value> {
@@ -71,12 +83,23 @@ async fn history(addr: &str, room: &str) -> Vec<Value> {
     let mut after = 0u64;
     loop {
         let url = format!("http://{addr}/api/v1/rooms/{room}/messages?after={after}&limit=200");
-        let page: Value = client.get(url).header("x-api-key", API_KEY).send().await.expect("GET").json().await.expect("json");
+        let page: Value = client
+            .get(url)
+            .header("x-api-key", API_KEY)
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("json");
         let entries = page["entries"].as_array().expect("entries").clone();
         if entries.is_empty() {
             return all;
         }
-        after = entries.last().and_then(|e| e["offset"].as_u64()).expect("offset");
+        after = entries
+            .last()
+            .and_then(|e| e["offset"].as_u64())
+            .expect("offset");
         all.extend(entries);
         if page["more"] != json!(true) {
             return all;
@@ -89,18 +112,38 @@ async fn sigkill_loses_no_acknowledged_message() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = Node::start(dir.path());
     let url = format!("ws://{}/ws?token={}", node.addr, token("alice"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
-    let send = |id: u64, op: &str, args: Value| Message::Text(json!({"id": id, "op": op, "args": args}).to_string().into());
-    ws.send(send(1, "room.create", json!({"room": "crash", "kind": "group"}))).await.expect("send");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
+    let send = |id: u64, op: &str, args: Value| {
+        Message::Text(json!({"id": id, "op": op, "args": args}).to_string().into())
+    };
+    ws.send(send(
+        1,
+        "room.create",
+        json!({"room": "crash", "kind": "group"}),
+    ))
+    .await
+    .expect("send");
     // Pipeline sends without waiting, kill the node once some are acknowledged.
     let total = 400u64;
     for i in 0..total {
-        ws.send(send(100 + i, "room.send", json!({"room": "crash", "text": format!("m{i}"), "client_id": format!("c{i}")}))).await.expect("send");
+        ws.send(send(
+            100 + i,
+            "room.send",
+            json!({"room": "crash", "text": format!("m{i}"), "client_id": format!("c{i}")}),
+        ))
+        .await
+        .expect("send");
     }
     let mut acked: HashMap<String, u64> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while acked.len() < 50 {
-        let msg = tokio::time::timeout_at(deadline, ws.next()).await.expect("acks in time").expect("open").expect("frame");
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .expect("acks in time")
+            .expect("open")
+            .expect("frame");
         let Message::Text(t) = msg else { continue };
         let v: Value = serde_json::from_str(&t).expect("json");
         if let (Some(id), Some(off)) = (v["id"].as_u64(), v["ok"]["offset"].as_u64()) {
@@ -116,7 +159,10 @@ async fn sigkill_loses_no_acknowledged_message() {
     let messages: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "message").collect();
     // Every acknowledged message is there, at the offset it was acknowledged with.
     for (text, offset) in &acked {
-        let found = messages.iter().find(|e| e["text"] == json!(text)).unwrap_or_else(|| panic!("acknowledged {text} lost"));
+        let found = messages
+            .iter()
+            .find(|e| e["text"] == json!(text))
+            .unwrap_or_else(|| panic!("acknowledged {text} lost"));
         assert_eq!(found["offset"].as_u64(), Some(*offset), "{text} moved");
     }
     // Offsets are contiguous from 1 and no message is stored twice.
@@ -141,7 +187,12 @@ fn token_command_mints_a_verifiable_token() {
     let claims: Value = {
         use base64::Engine;
         let payload = t.split('.').nth(1).expect("payload");
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("b64")).expect("json")
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("b64"),
+        )
+        .expect("json")
     };
     assert_eq!(claims["sub"], "carol");
     assert!(claims["exp"].as_i64().expect("exp") > claims["iat"].as_i64().expect("iat"));

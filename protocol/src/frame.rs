@@ -123,10 +123,18 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok(id: u64, value: Value) -> Reply {
-        Reply { id, ok: Some(value), error: None }
+        Reply {
+            id,
+            ok: Some(value),
+            error: None,
+        }
     }
     pub fn err(id: u64, code: ErrorCode, message: impl Into<String>) -> Reply {
-        Reply { id, ok: None, error: Some(ErrorBody::new(code, message)) }
+        Reply {
+            id,
+            ok: None,
+            error: Some(ErrorBody::new(code, message)),
+        }
     }
 }
 
@@ -150,7 +158,14 @@ pub struct Push {
 impl Push {
     /// An ephemeral event (typing, presence, receipts): not stored, not replayed.
     pub fn ephemeral(event: &str, channel: Option<String>, data: Value) -> Push {
-        Push { push: event.to_string(), channel, epoch: None, offset: None, ephemeral: true, data }
+        Push {
+            push: event.to_string(),
+            channel,
+            epoch: None,
+            offset: None,
+            ephemeral: true,
+            data,
+        }
     }
 }
 
@@ -175,7 +190,11 @@ pub struct SharedFrame {
 
 impl SharedFrame {
     pub fn new(frame: ServerFrame) -> SharedFrame {
-        SharedFrame { frame, json: OnceLock::new(), msgpack: OnceLock::new() }
+        SharedFrame {
+            frame,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
     }
 
     pub fn frame(&self) -> &ServerFrame {
@@ -223,7 +242,11 @@ mod tests {
                 ephemeral: false,
                 data: serde_json::json!({"text": "hi"}),
             }),
-            ServerFrame::Push(Push::ephemeral("typing", None, serde_json::json!({"users": []}))),
+            ServerFrame::Push(Push::ephemeral(
+                "typing",
+                None,
+                serde_json::json!({"users": []}),
+            )),
         ];
         for f in frames {
             let shared = SharedFrame::new(f.clone());
@@ -240,25 +263,41 @@ mod tests {
         for _ in 0..200 {
             deep = serde_json::json!([deep]);
         }
-        let json = format!("{{\"id\":1,\"op\":\"ping\",\"args\":{}}}", serde_json::to_string(&deep).unwrap());
-        assert!(Encoding::Json.decode::<RawRequest>(json.as_bytes()).is_err());
+        let json = format!(
+            "{{\"id\":1,\"op\":\"ping\",\"args\":{}}}",
+            serde_json::to_string(&deep).unwrap()
+        );
+        assert!(Encoding::Json
+            .decode::<RawRequest>(json.as_bytes())
+            .is_err());
         // Built by hand: encoding a 200-deep value would itself recurse.
-        let mut msgpack = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
+        let mut msgpack = vec![
+            0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
+        ];
         msgpack.extend([0xa4, b'a', b'r', b'g', b's']);
         msgpack.extend(std::iter::repeat_n(0x91, 100_000));
         msgpack.push(0xc0);
         assert!(Encoding::MsgPack.decode::<RawRequest>(&msgpack).is_err());
         // Shallow documents still decode.
-        let mut ok = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
+        let mut ok = vec![
+            0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
+        ];
         ok.extend([0xa4, b'a', b'r', b'g', b's']);
         ok.extend(std::iter::repeat_n(0x91, 100));
         ok.push(0xc0);
-        assert_eq!(Encoding::MsgPack.decode::<RawRequest>(&ok).unwrap().op, "ping");
+        assert_eq!(
+            Encoding::MsgPack.decode::<RawRequest>(&ok).unwrap().op,
+            "ping"
+        );
     }
 
     #[test]
     fn raw_request_decodes_from_both() {
-        let req = RawRequest { id: 1, op: "ping".into(), args: serde_json::json!({"a": [1, "x"]}) };
+        let req = RawRequest {
+            id: 1,
+            op: "ping".into(),
+            args: serde_json::json!({"a": [1, "x"]}),
+        };
         for enc in [Encoding::Json, Encoding::MsgPack] {
             let bytes = enc.encode(&req).unwrap();
             let back: RawRequest = enc.decode(&bytes).unwrap();

@@ -239,7 +239,11 @@ pub const OPS: &[&str] = &[
 
 fn args<T: DeserializeOwned>(op: &str, args: Value) -> Result<T, (ErrorCode, String)> {
     // Absent args are an empty object, so ops whose fields are all optional need none.
-    let args = if args.is_null() { Value::Object(Default::default()) } else { args };
+    let args = if args.is_null() {
+        Value::Object(Default::default())
+    } else {
+        args
+    };
     serde_json::from_value(args).map_err(|e| (ErrorCode::InvalidArgs, format!("{op}: {e}")))
 }
 
@@ -400,7 +404,8 @@ mod tests {
         }
         let (code, _) = Request::parse("nope", Value::Null).unwrap_err();
         assert_eq!(code, ErrorCode::UnknownOp);
-        let (code, msg) = Request::parse("room.send", serde_json::json!({"room": "r"})).unwrap_err();
+        let (code, msg) =
+            Request::parse("room.send", serde_json::json!({"room": "r"})).unwrap_err();
         assert_eq!(code, ErrorCode::InvalidArgs);
         assert!(msg.contains("text"), "{msg}");
     }

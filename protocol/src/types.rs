@@ -37,13 +37,22 @@ pub const MAX_ID_LEN: usize = 128;
 
 impl Channel {
     pub fn room(id: &str) -> Channel {
-        Channel { kind: ChannelKind::Room, name: id.to_string() }
+        Channel {
+            kind: ChannelKind::Room,
+            name: id.to_string(),
+        }
     }
     pub fn topic(name: &str) -> Channel {
-        Channel { kind: ChannelKind::Topic, name: name.to_string() }
+        Channel {
+            kind: ChannelKind::Topic,
+            name: name.to_string(),
+        }
     }
     pub fn feed(user: &str) -> Channel {
-        Channel { kind: ChannelKind::Feed, name: user.to_string() }
+        Channel {
+            kind: ChannelKind::Feed,
+            name: user.to_string(),
+        }
     }
 
     /// Parses `room:x`, `topic:x`, `feed:x`; `None` for anything else.
@@ -55,7 +64,10 @@ impl Channel {
             "feed" => ChannelKind::Feed,
             _ => return None,
         };
-        valid_id(name).then(|| Channel { kind, name: name.to_string() })
+        valid_id(name).then(|| Channel {
+            kind,
+            name: name.to_string(),
+        })
     }
 
     /// The key this channel is stored and placed under (`room:42`).
@@ -258,8 +270,14 @@ impl NotificationPrefs {
         if n.priority == Priority::Urgent {
             return true;
         }
-        let cat_muted = n.category.as_ref().is_some_and(|c| self.muted_categories.contains(c));
-        let room_muted = n.room.as_ref().is_some_and(|r| self.muted_rooms.contains(r));
+        let cat_muted = n
+            .category
+            .as_ref()
+            .is_some_and(|c| self.muted_categories.contains(c));
+        let room_muted = n
+            .room
+            .as_ref()
+            .is_some_and(|r| self.muted_rooms.contains(r));
         !(cat_muted || room_muted)
     }
 }
@@ -293,7 +311,10 @@ mod tests {
     #[test]
     fn channels_parse() {
         assert_eq!(Channel::parse("room:42"), Some(Channel::room("42")));
-        assert_eq!(Channel::parse("topic:post:1"), Some(Channel::topic("post:1")));
+        assert_eq!(
+            Channel::parse("topic:post:1"),
+            Some(Channel::topic("post:1"))
+        );
         assert_eq!(Channel::parse("feed:alice"), Some(Channel::feed("alice")));
         assert_eq!(Channel::parse("room:"), None);
         assert_eq!(Channel::parse("chat:1"), None);
@@ -303,7 +324,10 @@ mod tests {
 
     #[test]
     fn urgent_is_never_muted() {
-        let prefs = NotificationPrefs { muted_categories: vec!["social".into()], muted_rooms: vec![] };
+        let prefs = NotificationPrefs {
+            muted_categories: vec!["social".into()],
+            muted_rooms: vec![],
+        };
         let mut n = Notification {
             id: 1,
             user: "a".into(),

@@ -24,7 +24,10 @@ pub struct StorageError {
 
 impl StorageError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> StorageError {
-        StorageError { kind, message: message.into() }
+        StorageError {
+            kind,
+            message: message.into(),
+        }
     }
 
     pub fn unavailable(message: impl Into<String>) -> StorageError {

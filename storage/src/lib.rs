@@ -58,8 +58,13 @@ pub trait Store: Send + Sync + 'static {
     async fn append(&self, channel: &str, entries: &[Entry]) -> Result<()>;
 
     /// Entries with `from <= offset <= to`, oldest first, at most `limit` (capped at [`MAX_PAGE`]).
-    async fn read_range(&self, channel: &str, from: u64, to: u64, limit: usize)
-        -> Result<Vec<Entry>>;
+    async fn read_range(
+        &self,
+        channel: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>>;
 
     /// The `limit` newest entries with `offset < before`, returned oldest first.
     async fn read_before(&self, channel: &str, before: u64, limit: usize) -> Result<Vec<Entry>>;
@@ -162,6 +167,8 @@ pub async fn open(config: &StorageConfig) -> Result<Arc<dyn Store>> {
                 .map_err(|e| StorageError::internal(format!("opening the store: {e}")))??;
             Ok(Arc::new(store))
         }
-        Backend::Scylla => Ok(Arc::new(scylla::ScyllaStore::connect(&config.scylla).await?)),
+        Backend::Scylla => Ok(Arc::new(
+            scylla::ScyllaStore::connect(&config.scylla).await?,
+        )),
     }
 }

@@ -28,9 +28,15 @@ fn cql() -> Option<String> {
 }
 
 fn keyspace() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
     // The `chorus_t<secs>_` shape lets the storage tests sweep it up later.
-    format!("chorus_t{}_{:012x}", now.as_secs(), now.subsec_nanos() as u64 ^ (std::process::id() as u64) << 20)
+    format!(
+        "chorus_t{}_{:012x}",
+        now.as_secs(),
+        now.subsec_nanos() as u64 ^ (std::process::id() as u64) << 20
+    )
 }
 
 async fn start(dir: Arc<tempfile::TempDir>, addr: &str, ks: &str) -> TestNode {
@@ -54,23 +60,49 @@ async fn a_scylla_node_serves_chat_catchup_notifications_and_restarts() {
 
     let mut alice = node.connect("alice", Encoding::Json).await;
     let mut bob = node.connect("bob", Encoding::MsgPack).await;
-    alice.ok("room.create", json!({"room": "s", "kind": "group", "members": ["bob"]})).await;
+    alice
+        .ok(
+            "room.create",
+            json!({"room": "s", "kind": "group", "members": ["bob"]}),
+        )
+        .await;
     let joined = bob.ok("room.join", json!({"room": "s"})).await;
     let epoch = joined["epoch"].as_str().unwrap().to_string();
     let mut offsets = Vec::new();
     // More messages than a bucket holds: history crosses partitions.
     for i in 0..10 {
-        let r = alice.ok("room.send", json!({"room": "s", "text": format!("m{i}"), "client_id": format!("c{i}")})).await;
+        let r = alice
+            .ok(
+                "room.send",
+                json!({"room": "s", "text": format!("m{i}"), "client_id": format!("c{i}")}),
+            )
+            .await;
         offsets.push(r["offset"].as_u64().unwrap());
     }
     for (i, off) in offsets.iter().enumerate() {
-        let p = bob.push_where(|p| p.push == "entry" && p.offset == Some(*off)).await;
+        let p = bob
+            .push_where(|p| p.push == "entry" && p.offset == Some(*off))
+            .await;
         assert_eq!(p.data["text"], format!("m{i}"));
     }
-    let dup = alice.ok("room.send", json!({"room": "s", "text": "m3", "client_id": "c3"})).await;
-    assert_eq!((dup["offset"].as_u64(), dup["duplicate"].as_bool()), (Some(offsets[3]), Some(true)));
+    let dup = alice
+        .ok(
+            "room.send",
+            json!({"room": "s", "text": "m3", "client_id": "c3"}),
+        )
+        .await;
+    assert_eq!(
+        (dup["offset"].as_u64(), dup["duplicate"].as_bool()),
+        (Some(offsets[3]), Some(true))
+    );
 
-    let (status, _) = node.api("POST", "/api/v1/notifications", Some(json!({"user": "bob", "type": "t", "title": "hello"}))).await;
+    let (status, _) = node
+        .api(
+            "POST",
+            "/api/v1/notifications",
+            Some(json!({"user": "bob", "type": "t", "title": "hello"})),
+        )
+        .await;
     assert_eq!(status, 200);
     let n = bob.push("notifications", None).await;
     assert_eq!(n.data["items"][0]["title"], "hello");
@@ -79,12 +111,29 @@ async fn a_scylla_node_serves_chat_catchup_notifications_and_restarts() {
     // Restart on the same keyspace: history, unread counts and notifications are there.
     let node = start(dir, &addr, &ks).await;
     let mut bob = node.connect("bob", Encoding::Json).await;
-    let sub = bob.ok("subscribe", json!({"channel": "room:s", "offset": offsets[4], "epoch": epoch})).await;
+    let sub = bob
+        .ok(
+            "subscribe",
+            json!({"channel": "room:s", "offset": offsets[4], "epoch": epoch}),
+        )
+        .await;
     assert_eq!(sub["recovered"], true, "{sub}");
-    let missed: Vec<u64> = sub["missed"].as_array().unwrap().iter().map(|e| e["offset"].as_u64().unwrap()).collect();
+    let missed: Vec<u64> = sub["missed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(missed, offsets[5..].to_vec());
-    let page = bob.ok("history", json!({"channel": "room:s", "limit": 200})).await;
-    let texts: Vec<&str> = page["entries"].as_array().unwrap().iter().filter_map(|e| e["text"].as_str()).collect();
+    let page = bob
+        .ok("history", json!({"channel": "room:s", "limit": 200}))
+        .await;
+    let texts: Vec<&str> = page["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
     assert_eq!(texts, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     let list = bob.ok("rooms.list", json!({})).await;
     assert_eq!(list["rooms"][0]["unread"], 10, "{list}");
