@@ -13,9 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_protocol::ops::{
-    HistoryPage, Members as MembersResult, NotifPage, PresenceList, RoomsList,
-};
+use chorus_protocol::ops::{Members as MembersResult, NotifPage, PresenceList, RoomsList};
 use chorus_protocol::{
     close, now_ms, valid_id, Channel, ChannelKind, EntryKind, ErrorCode, Presence, RawRequest,
     Reply, Request, RoomInfo, RoomKind, ServerFrame, SharedFrame, Status,
@@ -663,49 +661,13 @@ impl ConnActor {
     }
 
     async fn history(&self, a: chorus_protocol::ops::History) -> Result<Value, Fail> {
-        let ch = self.check_channel_read(&a.channel)?;
-        let key = ch.key();
-        let head = self
+        let key = self.check_channel_read(&a.channel)?.key();
+        let limit = a.limit.map(|l| l as usize);
+        let page = self
             .svc
-            .ask_room(
-                &key,
-                room::Authorize {
-                    user: Some(self.user()),
-                },
-            )
+            .history_page(&key, Some(self.user()), a.before, a.after, limit)
             .await?;
-        let limit = a
-            .limit
-            .unwrap_or(50)
-            .clamp(1, self.svc.config.max_page as u32) as usize;
-        let (entries, more) = if let Some(after) = a.after {
-            if after >= head.offset {
-                (Vec::new(), false)
-            } else {
-                let mut v = self
-                    .svc
-                    .store
-                    .read_range(&key, after + 1, head.offset, limit + 1)
-                    .await?;
-                let more = v.len() > limit;
-                v.truncate(limit);
-                (v, more)
-            }
-        } else {
-            let before = a.before.unwrap_or(u64::MAX).min(head.offset + 1);
-            let mut v = self.svc.store.read_before(&key, before, limit + 1).await?;
-            let more = v.len() > limit;
-            if more {
-                v.remove(0);
-            }
-            (v, more)
-        };
-        Ok(to_value(&HistoryPage {
-            channel: key,
-            head,
-            entries,
-            more,
-        }))
+        Ok(to_value(&page))
     }
 
     async fn watch(&mut self, mut users: Vec<String>, room: Option<String>) -> Result<Value, Fail> {

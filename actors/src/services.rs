@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chorus_protocol::ops::HistoryPage;
 use chorus_protocol::{ErrorCode, Reply, ServerFrame, SharedFrame};
 use chorus_storage::Store;
 use kameo::actor::{ActorRef, Spawn};
@@ -176,6 +177,12 @@ impl Services {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// From now on new connections are refused and requests answered with
+    /// `shutting_down` (5005), so clients move to another node.
+    pub fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
@@ -312,6 +319,48 @@ impl Services {
             ErrorCode::Overloaded,
             "actor is restarting, retry",
         ))
+    }
+
+    /// A page of a channel's history as `user` may see it (`None`: the server
+    /// API): backwards from `before` (the newest page when both are absent) or
+    /// forwards from `after`, never past the committed head.
+    pub async fn history_page(
+        self: &Arc<Self>,
+        key: &str,
+        user: Option<String>,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<HistoryPage, Fail> {
+        let head = self.ask_room(key, crate::room::Authorize { user }).await?;
+        let limit = limit.unwrap_or(50).clamp(1, self.config.max_page);
+        let (entries, more) = match after {
+            Some(after) if after >= head.offset => (Vec::new(), false),
+            Some(after) => {
+                let mut v = self
+                    .store
+                    .read_range(key, after + 1, head.offset, limit + 1)
+                    .await?;
+                let more = v.len() > limit;
+                v.truncate(limit);
+                (v, more)
+            }
+            None => {
+                let before = before.unwrap_or(u64::MAX).min(head.offset + 1);
+                let mut v = self.store.read_before(key, before, limit + 1).await?;
+                let more = v.len() > limit;
+                if more {
+                    v.remove(0);
+                }
+                (v, more)
+            }
+        };
+        Ok(HistoryPage {
+            channel: key.to_string(),
+            head,
+            entries,
+            more,
+        })
     }
 
     /// Stops every room and user actor after its mailbox drains (in-flight

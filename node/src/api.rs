@@ -12,7 +12,7 @@ use chorus_actors::room;
 use chorus_actors::services::Replier;
 use chorus_actors::user::{Notify, NotifySpec, Query};
 use chorus_actors::Fail;
-use chorus_protocol::ops::{HistoryPage, NotifPage};
+use chorus_protocol::ops::NotifPage;
 use chorus_protocol::{
     now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Millis, Presence, Priority,
     RoomInfo, RoomKind, Status,
@@ -396,43 +396,12 @@ async fn room_history(
     let id = path.into_inner();
     check_id("room", &id)?;
     let key = Channel::room(&id).key();
-    let svc = &state.services;
-    let head = svc
-        .ask_room(&key, room::Authorize { user: None })
+    let page = state
+        .services
+        .history_page(&key, None, q.before, q.after, q.limit)
         .await
         .map_err(fail)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, svc.config.max_page);
-    let store = &svc.store;
-    let (entries, more) = if let Some(after) = q.after {
-        let mut v = if after >= head.offset {
-            Vec::new()
-        } else {
-            store
-                .read_range(&key, after + 1, head.offset, limit + 1)
-                .await
-                .map_err(|e| fail(e.into()))?
-        };
-        let more = v.len() > limit;
-        v.truncate(limit);
-        (v, more)
-    } else {
-        let before = q.before.unwrap_or(u64::MAX).min(head.offset + 1);
-        let mut v = store
-            .read_before(&key, before, limit + 1)
-            .await
-            .map_err(|e| fail(e.into()))?;
-        let more = v.len() > limit;
-        if more {
-            v.remove(0);
-        }
-        (v, more)
-    };
-    Ok(HttpResponse::Ok().json(HistoryPage {
-        channel: key,
-        head,
-        entries,
-        more,
-    }))
+    Ok(HttpResponse::Ok().json(page))
 }
 
 #[derive(Deserialize)]

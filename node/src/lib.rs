@@ -203,6 +203,7 @@ impl NodeHandle {
         let svc = self.services.clone();
         // 1. Stop accepting; readiness goes red so load balancers move away.
         self.ready.store(false, Ordering::Relaxed);
+        svc.begin_stopping();
         self.server.pause().await;
         // 2. Tell every client to reconnect elsewhere, and wait for sockets to drain.
         let open = svc

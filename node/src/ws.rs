@@ -205,7 +205,7 @@ async fn read_loop(
         };
         let (bytes, frame_encoding) = match msg {
             Err(_) => {
-                metrics.error(ErrorCode::InvalidValue);
+                metrics.idle_disconnects.inc();
                 sink.close(
                     close::IDLE_TIMEOUT,
                     "no frames received within the idle timeout",
@@ -292,6 +292,9 @@ async fn closed_signal(sink: &ConnSink) {
     sink.closed().await
 }
 
+/// How long a closing writer waits for a socket that does not take data.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 async fn write_loop(
     mut session: Session,
     outbox: ConnOutbox,
@@ -306,29 +309,20 @@ async fn write_loop(
         tokio::select! {
             biased;
             (code, reason) = close_watch.closed() => {
-                // Frames already queued (say, a final error reply) go first,
-                // except for a slow consumer, whose queue is the problem.
-                if code != close::SLOW_CONSUMER {
-                    while let Ok(f) = rx.try_recv() {
-                        if send(&mut session, &f, encoding, &metrics).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                let reason = CloseReason { code: CloseCode::Other(code), description: Some(reason) };
-                let _ = session.close(Some(reason)).await;
+                close_socket(session, &mut rx, code, reason, encoding, &metrics).await;
                 return;
             }
             frame = rx.recv() => {
                 let Some(frame) = frame else { return };
-                if send(&mut session, &frame, encoding, &metrics).await.is_err() {
+                // A send waits while the client does not read; a close request
+                // (a slow consumer above all) must not wait behind it.
+                let sent = tokio::select! {
+                    biased;
+                    _ = close_watch.closed() => continue,
+                    r = send_queued(&mut session, &frame, &mut rx, encoding, &metrics) => r,
+                };
+                if sent.is_err() {
                     return;
-                }
-                // Drain what is already queued before yielding: one flush for many pushes.
-                while let Ok(f) = rx.try_recv() {
-                    if send(&mut session, &f, encoding, &metrics).await.is_err() {
-                        return;
-                    }
                 }
             }
             _ = ping.tick() => {
@@ -337,6 +331,58 @@ async fn write_loop(
                 }
             }
         }
+    }
+}
+
+/// Sends `first` and everything already queued behind it before yielding:
+/// under load many pushes leave in one flush.
+async fn send_queued(
+    session: &mut Session,
+    first: &SharedFrame,
+    rx: &mut tokio::sync::mpsc::Receiver<Arc<SharedFrame>>,
+    encoding: Encoding,
+    metrics: &Metrics,
+) -> Result<(), actix_ws::Closed> {
+    send(session, first, encoding, metrics).await?;
+    while let Ok(f) = rx.try_recv() {
+        send(session, &f, encoding, metrics).await?;
+    }
+    Ok(())
+}
+
+/// Sends what is queued (a final error reply, say) unless the queue is the
+/// problem, then the close frame; bounded, so a client that reads nothing
+/// cannot hold the writer. Dropping the session then ends the connection.
+async fn close_socket(
+    mut session: Session,
+    rx: &mut tokio::sync::mpsc::Receiver<Arc<SharedFrame>>,
+    code: u16,
+    reason: String,
+    encoding: Encoding,
+    metrics: &Metrics,
+) {
+    let flush_and_close = async {
+        if code != close::SLOW_CONSUMER {
+            while let Ok(f) = rx.try_recv() {
+                if send(&mut session, &f, encoding, metrics).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let reason = CloseReason {
+            code: CloseCode::Other(code),
+            description: Some(reason),
+        };
+        let _ = session.close(Some(reason)).await;
+    };
+    if tokio::time::timeout(CLOSE_GRACE, flush_and_close)
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            code,
+            "client did not take the close frame in time; dropping the socket"
+        );
     }
 }
 
