@@ -13,12 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chorus_protocol::ops::{Members as MembersResult, NotifPage, PresenceList, RoomsList};
+use chorus_protocol::ops::{Members as MembersResult, PresenceList, RoomsList};
 use chorus_protocol::{
-    close, now_ms, valid_id, Channel, ChannelKind, EntryKind, ErrorCode, Presence, RawRequest,
-    Reply, Request, RoomInfo, RoomKind, ServerFrame, SharedFrame, Status,
+    close, now_ms, valid_id, Channel, ChannelKind, EntryKind, ErrorCode, RawRequest, Reply,
+    Request, RoomInfo, RoomKind, ServerFrame, SharedFrame,
 };
-use chorus_storage::MAX_PAGE;
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
@@ -534,25 +533,10 @@ impl ConnActor {
                     .await
                     .map(|_| Value::Null)
             }
-            Request::NotifList(a) => {
-                let limit = a.limit.unwrap_or(50).clamp(1, MAX_PAGE as u32 - 1) as usize;
-                let now = now_ms();
-                let r = async {
-                    let mut items = svc
-                        .store
-                        .list_notifications(&me, a.before, limit + 1, a.unread_only, now)
-                        .await?;
-                    let more = items.len() > limit;
-                    items.truncate(limit);
-                    let unread = svc.store.unread_notifications(&me, now).await?;
-                    Ok::<_, Fail>(to_value(&NotifPage {
-                        items,
-                        unread,
-                        more,
-                    }))
-                };
-                r.await
-            }
+            Request::NotifList(a) => svc
+                .notification_page(&me, a.before, a.limit.map(|l| l as usize), a.unread_only)
+                .await
+                .map(|page| to_value(&page)),
             Request::NotifUnread => svc
                 .store
                 .unread_notifications(&me, now_ms())
@@ -730,27 +714,9 @@ impl ConnActor {
                     format!("invalid user id `{}`", truncate(&u)),
                 ));
             }
-            // An inactive user actor means no connection: offline, without activating it.
-            let p = match self.svc.user_if_active(&u) {
-                Some(actor) => match actor.ask(user::Query).await {
-                    Ok(p) => p,
-                    Err(_) => offline(&u, self.svc.store.last_seen(&u).await?),
-                },
-                None => offline(&u, self.svc.store.last_seen(&u).await?),
-            };
-            out.push(p);
+            out.push(self.svc.presence_of(&u).await?);
         }
         Ok(to_value(&PresenceList { users: out }))
-    }
-}
-
-fn offline(user: &str, last_seen: Option<i64>) -> Presence {
-    Presence {
-        user: user.to_string(),
-        status: Status::Offline,
-        last_seen,
-        activity: None,
-        devices: 0,
     }
 }
 

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chorus_protocol::ops::HistoryPage;
-use chorus_protocol::{ErrorCode, Reply, ServerFrame, SharedFrame};
+use chorus_protocol::ops::{HistoryPage, NotifPage};
+use chorus_protocol::{now_ms, ErrorCode, Presence, Reply, ServerFrame, SharedFrame, Status};
 use chorus_storage::Store;
 use kameo::actor::{ActorRef, Spawn};
 use kameo::error::SendError;
@@ -360,6 +360,48 @@ impl Services {
             head,
             entries,
             more,
+        })
+    }
+
+    /// A page of `user`'s inbox, newest first, with the unread count.
+    pub async fn notification_page(
+        &self,
+        user: &str,
+        before: Option<u64>,
+        limit: Option<usize>,
+        unread_only: bool,
+    ) -> Result<NotifPage, Fail> {
+        let limit = limit.unwrap_or(50).clamp(1, chorus_storage::MAX_PAGE - 1);
+        let now = now_ms();
+        let mut items = self
+            .store
+            .list_notifications(user, before, limit + 1, unread_only, now)
+            .await?;
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let unread = self.store.unread_notifications(user, now).await?;
+        Ok(NotifPage {
+            items,
+            unread,
+            more,
+        })
+    }
+
+    /// A user's presence without activating their actor: no running actor
+    /// means no connection, so the user is offline since their `last_seen`.
+    pub async fn presence_of(&self, user: &str) -> Result<Presence, Fail> {
+        if let Some(actor) = self.user_if_active(user) {
+            if let Ok(p) = actor.ask(crate::user::Query).await {
+                return Ok(p);
+            }
+        }
+        let last_seen = self.store.last_seen(user).await?;
+        Ok(Presence {
+            user: user.to_string(),
+            status: Status::Offline,
+            last_seen,
+            activity: None,
+            devices: 0,
         })
     }
 

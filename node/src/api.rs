@@ -10,12 +10,11 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chorus_actors::room;
 use chorus_actors::services::Replier;
-use chorus_actors::user::{Notify, NotifySpec, Query};
+use chorus_actors::user::{Notify, NotifySpec};
 use chorus_actors::Fail;
-use chorus_protocol::ops::NotifPage;
 use chorus_protocol::{
-    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Millis, Presence, Priority,
-    RoomInfo, RoomKind, Status,
+    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Millis, Priority, RoomInfo,
+    RoomKind,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -508,24 +507,12 @@ async fn list_notifications(
     check_key(&req, &state)?;
     let user = path.into_inner();
     check_id("user", &user)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let now = now_ms();
-    let store = &state.services.store;
-    let mut items = store
-        .list_notifications(&user, q.before, limit + 1, q.unread_only, now)
+    let page = state
+        .services
+        .notification_page(&user, q.before, q.limit, q.unread_only)
         .await
-        .map_err(|e| fail(e.into()))?;
-    let more = items.len() > limit;
-    items.truncate(limit);
-    let unread = store
-        .unread_notifications(&user, now)
-        .await
-        .map_err(|e| fail(e.into()))?;
-    Ok(HttpResponse::Ok().json(NotifPage {
-        items,
-        unread,
-        more,
-    }))
+        .map_err(fail)?;
+    Ok(HttpResponse::Ok().json(page))
 }
 
 async fn presence(
@@ -536,28 +523,7 @@ async fn presence(
     check_key(&req, &state)?;
     let user = path.into_inner();
     check_id("user", &user)?;
-    let p = match state.services.user_if_active(&user) {
-        Some(actor) => actor.ask(Query).await.ok(),
-        None => None,
-    };
-    let p = match p {
-        Some(p) => p,
-        None => {
-            let last_seen = state
-                .services
-                .store
-                .last_seen(&user)
-                .await
-                .map_err(|e| fail(e.into()))?;
-            Presence {
-                user,
-                status: Status::Offline,
-                last_seen,
-                activity: None,
-                devices: 0,
-            }
-        }
-    };
+    let p = state.services.presence_of(&user).await.map_err(fail)?;
     Ok(HttpResponse::Ok().json(p))
 }
 
