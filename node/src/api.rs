@@ -608,3 +608,32 @@ async fn publish_feeds(
     }
     Ok(HttpResponse::Ok().json(json!({"published": published})))
 }
+
+/// Decodes `input` as every request body of the server API, the way the
+/// `web::Json` extractor does (serde_json), and, when it is UTF-8, as every
+/// query string, the way `web::Query` does; returns the names of the types
+/// that accepted it. The fuzz targets (`tests/fuzz`) call this, so a route
+/// that reads a new body or query type adds it here.
+#[doc(hidden)]
+pub fn decode_inputs(input: &[u8]) -> Vec<&'static str> {
+    fn body<T: serde::de::DeserializeOwned>(b: &[u8]) -> bool {
+        serde_json::from_slice::<T>(b).is_ok()
+    }
+    fn query<T: serde::de::DeserializeOwned>(q: Option<&str>) -> bool {
+        q.is_some_and(|q| web::Query::<T>::from_query(q).is_ok())
+    }
+    let q = std::str::from_utf8(input).ok();
+    [
+        ("CreateRoom", body::<CreateRoom>(input)),
+        ("AddMember", body::<AddMember>(input)),
+        ("PostMessage", body::<PostMessage>(input)),
+        ("NotifyBody", body::<NotifyBody>(input)),
+        ("PublishBody", body::<PublishBody>(input)),
+        ("FeedsBody", body::<FeedsBody>(input)),
+        ("HistoryQuery", query::<HistoryQuery>(q)),
+        ("ListQuery", query::<ListQuery>(q)),
+    ]
+    .into_iter()
+    .filter_map(|(name, ok)| ok.then_some(name))
+    .collect()
+}
