@@ -325,6 +325,38 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_accepted_leeway_verifies_tokens() {
+        let auth = AuthSection {
+            leeway_secs: crate::config::MAX_LEEWAY_SECS,
+            ..AuthSection::default()
+        };
+        let v = JwtVerifier::from_config(&auth).unwrap();
+        let good = mint_token(
+            crate::config::DEV_SECRET,
+            "alice",
+            Duration::from_secs(60),
+            None,
+        )
+        .unwrap();
+        assert_eq!(v.verify(&good).unwrap().user, "alice");
+        let now = chorus_protocol::now_ms() / 1000;
+        let expired = |ago: u64| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "a", "exp": now as u64 - ago}),
+                &EncodingKey::from_secret(crate::config::DEV_SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        assert_eq!(v.verify(&expired(60)).unwrap().user, "a");
+        let too_old = expired(crate::config::MAX_LEEWAY_SECS + 60);
+        assert_eq!(
+            v.verify(&too_old).unwrap_err().code,
+            ErrorCode::TokenExpired
+        );
+    }
+
+    #[test]
     fn durations_and_keys() {
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));

@@ -88,6 +88,9 @@ pub struct AuthSection {
     pub api_key: String,
 }
 
+/// Largest `auth.leeway_secs`: tolerated clock skew, not a second lifetime.
+pub const MAX_LEEWAY_SECS: u64 = 86_400;
+
 /// The development secret; the node warns when it runs with it.
 pub const DEV_SECRET: &str = "dev-secret-change-me";
 /// The development API key; the node warns when it runs with it.
@@ -418,6 +421,19 @@ impl Config {
         if self.limits.rate_per_sec == 0 {
             bail!("limits.rate_per_sec must be > 0");
         }
+        // A page is clamped to 1..=max_page (0 panics there), and one entry
+        // more is read to tell whether there are more: the store returns at
+        // most MAX_PAGE, so a larger page would end the history silently.
+        if self.limits.max_page == 0 || self.limits.max_page >= chorus_storage::MAX_PAGE {
+            bail!(
+                "limits.max_page must be 1..={}",
+                chorus_storage::MAX_PAGE - 1
+            );
+        }
+        // Token validation subtracts the leeway from the current Unix time.
+        if self.auth.leeway_secs > MAX_LEEWAY_SECS {
+            bail!("auth.leeway_secs must be at most {MAX_LEEWAY_SECS} (one day)");
+        }
         Ok(())
     }
 
@@ -534,5 +550,38 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn page_and_leeway_limits_that_break_requests_are_refused() {
+        // Both validated before: max_page = 0 panicked every `history`
+        // request (`clamp(1, 0)`), a page of MAX_PAGE or more never said
+        // `more`, and a leeway past the current Unix time overflowed token
+        // validation (every token expired, or a panic with overflow checks).
+        for (max_page, ok) in [
+            (0, false),
+            (1, true),
+            (chorus_storage::MAX_PAGE - 1, true),
+            (chorus_storage::MAX_PAGE, false),
+            (usize::MAX, false),
+        ] {
+            let mut c = Config::default();
+            c.limits.max_page = max_page;
+            assert_eq!(c.validate().is_ok(), ok, "max_page = {max_page}");
+        }
+        for (leeway, ok) in [
+            (MAX_LEEWAY_SECS, true),
+            (MAX_LEEWAY_SECS + 1, false),
+            (u64::MAX, false),
+        ] {
+            let mut c = Config::default();
+            c.auth.leeway_secs = leeway;
+            assert_eq!(c.validate().is_ok(), ok, "leeway_secs = {leeway}");
+        }
+        let err = Config::from_toml("[limits]\nmax_page = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("limits.max_page"), "{err}");
     }
 }
