@@ -60,9 +60,18 @@ enum Command {
 }
 
 fn load(cfg: &ConfigArgs) -> anyhow::Result<Config> {
-    let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("CHORUS_"))
-        .collect();
+    // `vars_os`: `std::env::vars` panics on any variable that is not UTF-8,
+    // even one that is none of ours.
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (key, value) in std::env::vars_os() {
+        let Some(key) = key.to_str().filter(|k| k.starts_with("CHORUS_")) else {
+            continue;
+        };
+        let value = value
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("environment variable {key} is not UTF-8"))?;
+        env.insert(key.to_string(), value);
+    }
     Config::load(cfg.config.as_deref(), &env)
 }
 
