@@ -21,7 +21,7 @@ use chorus_protocol::{
     now_ms, Channel, ChannelHead, ChannelKind, Entry, EntryKind, ErrorCode, Member, Priority, Push,
     Role, RoomInfo, RoomKind, ServerFrame, SharedFrame,
 };
-use chorus_storage::{ErrorKind, StorageError};
+use chorus_storage::{client_key, ErrorKind, StorageError};
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
@@ -72,6 +72,7 @@ pub struct RoomActor {
     head: Option<ChannelHead>,
     queue: Vec<Pending>,
     writing: bool,
+    /// Recent client ids, keyed by [`client_key`] (sender and id).
     client_ids: HashMap<String, u64>,
     client_id_order: VecDeque<String>,
     /// Client ids in the batch being written, with retries waiting on it.
@@ -245,6 +246,13 @@ impl RoomActor {
 
 // ---------- the write pipeline ----------
 
+/// The dedupe key of an entry's client id: [`client_key`] of its sender and id.
+fn entry_client_key(e: &Entry) -> Option<String> {
+    e.client_id
+        .as_deref()
+        .map(|cid| client_key(e.sender.as_deref(), cid))
+}
+
 impl RoomActor {
     fn remember_client_id(&mut self, id: String, offset: u64) {
         if self.client_ids.insert(id.clone(), offset).is_none() {
@@ -259,22 +267,32 @@ impl RoomActor {
 
     /// Answers a retried publish from what is stored, or attaches it to the
     /// queued or in-flight original. Returns the replier back when it is not a duplicate.
-    async fn dedupe(&mut self, client_id: &str, replier: Replier) -> Option<Replier> {
-        if let Some(waiting) = self.inflight_ids.get_mut(client_id) {
+    /// Ids belong to their sender: another sender's equal id is another message.
+    async fn dedupe(
+        &mut self,
+        sender: Option<&str>,
+        client_id: &str,
+        replier: Replier,
+    ) -> Option<Replier> {
+        let key = client_key(sender, client_id);
+        if let Some(waiting) = self.inflight_ids.get_mut(&key) {
             waiting.push(replier);
             return None;
         }
-        if let Some(p) = self
-            .queue
-            .iter_mut()
-            .find(|p| p.entry.client_id.as_deref() == Some(client_id))
-        {
+        if let Some(p) = self.queue.iter_mut().find(|p| {
+            p.entry.client_id.as_deref() == Some(client_id) && p.entry.sender.as_deref() == sender
+        }) {
             p.duplicates.push(replier);
             return None;
         }
-        let known = match self.client_ids.get(client_id) {
+        let known = match self.client_ids.get(&key) {
             Some(o) => Some(*o),
-            None => match self.svc.store.find_client_id(&self.key, client_id).await {
+            None => match self
+                .svc
+                .store
+                .find_client_id(&self.key, sender, client_id)
+                .await
+            {
                 Ok(found) => found,
                 Err(e) => {
                     replier.send(&self.svc, Err(e.into())).await;
@@ -333,9 +351,9 @@ impl RoomActor {
             p.entry.ts = now;
         }
         for p in &mut batch {
-            if let Some(cid) = &p.entry.client_id {
+            if let Some(key) = entry_client_key(&p.entry) {
                 self.inflight_ids
-                    .insert(cid.clone(), std::mem::take(&mut p.duplicates));
+                    .insert(key, std::mem::take(&mut p.duplicates));
             }
         }
         self.writing = true;
@@ -373,8 +391,8 @@ impl RoomActor {
     async fn finish_write(&mut self, mut batch: Vec<Pending>, result: Result<(), StorageError>) {
         self.writing = false;
         for p in &mut batch {
-            if let Some(cid) = &p.entry.client_id {
-                if let Some(waiting) = self.inflight_ids.remove(cid) {
+            if let Some(key) = entry_client_key(&p.entry) {
+                if let Some(waiting) = self.inflight_ids.remove(&key) {
                     p.duplicates.extend(waiting);
                 }
             }
@@ -390,8 +408,8 @@ impl RoomActor {
                     head.msg_seq = p.entry.msg_seq;
                     self.head = Some(head.clone());
                     self.svc.metrics.messages_published.inc();
-                    if let Some(cid) = &p.entry.client_id {
-                        self.remember_client_id(cid.clone(), p.entry.offset);
+                    if let Some(key) = entry_client_key(&p.entry) {
+                        self.remember_client_id(key, p.entry.offset);
                     }
                     let res = Published {
                         channel: self.key.clone(),
@@ -1117,7 +1135,7 @@ impl RoomActor {
             }
         }
         let replier = match &client_id {
-            Some(cid) => match self.dedupe(cid, replier).await {
+            Some(cid) => match self.dedupe(sender.as_deref(), cid, replier).await {
                 Some(r) => r,
                 None => return Ok(()),
             },

@@ -346,21 +346,21 @@ pub async fn case_conflict_writes_nothing(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .find_client_id(&ch, "x3")
+            .find_client_id(&ch, Some("intruder"), "x3")
             .await
             .expect("find_client_id"),
         None
     );
     assert_eq!(
         store
-            .find_client_id(&ch, "x4")
+            .find_client_id(&ch, Some("intruder"), "x4")
             .await
             .expect("find_client_id"),
         None
     );
     assert_eq!(
         store
-            .find_client_id(&ch, "c3")
+            .find_client_id(&ch, Some("owner"), "c3")
             .await
             .expect("find_client_id"),
         Some(3)
@@ -455,14 +455,20 @@ pub async fn case_concurrent_appenders(store: Arc<dyn Store>) {
         for e in &batch {
             let cid = e.client_id.as_deref().unwrap_or_default();
             assert_eq!(
-                store.find_client_id(&ch, cid).await.expect("find"),
+                store
+                    .find_client_id(&ch, e.sender.as_deref(), cid)
+                    .await
+                    .expect("find"),
                 Some(e.offset)
             );
         }
         for e in losers.iter().flatten() {
             let cid = e.client_id.as_deref().unwrap_or_default();
             assert_eq!(
-                store.find_client_id(&ch, cid).await.expect("find"),
+                store
+                    .find_client_id(&ch, e.sender.as_deref(), cid)
+                    .await
+                    .expect("find"),
                 None,
                 "loser {cid}"
             );
@@ -696,7 +702,7 @@ pub async fn case_get_and_update_entry(store: Arc<dyn Store>) {
     assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
 }
 
-/// Client ids recorded by `append` are found per channel.
+/// Client ids recorded by `append` are found per channel and per sender.
 pub async fn case_client_id_lookup(store: Arc<dyn Store>) {
     let ch = uniq("room");
     let other = uniq("room");
@@ -713,26 +719,38 @@ pub async fn case_client_id_lookup(store: Arc<dyn Store>) {
     store.append(&ch, &[d]).await.expect("append");
 
     assert_eq!(
-        store.find_client_id(&ch, "cid-1").await.expect("find"),
+        store
+            .find_client_id(&ch, Some("alice"), "cid-1")
+            .await
+            .expect("find"),
         Some(1)
     );
     assert_eq!(
-        store.find_client_id(&ch, "cid-3").await.expect("find"),
+        store
+            .find_client_id(&ch, Some("alice"), "cid-3")
+            .await
+            .expect("find"),
         Some(3)
     );
     assert_eq!(
         store
-            .find_client_id(&ch, "cid-4 with spaces/and:colons")
+            .find_client_id(&ch, Some("bob"), "cid-4 with spaces/and:colons")
             .await
             .expect("find"),
         Some(4)
     );
     assert_eq!(
-        store.find_client_id(&ch, "cid-2").await.expect("find"),
+        store
+            .find_client_id(&ch, Some("alice"), "cid-2")
+            .await
+            .expect("find"),
         None
     );
     assert_eq!(
-        store.find_client_id(&other, "cid-1").await.expect("find"),
+        store
+            .find_client_id(&other, Some("alice"), "cid-1")
+            .await
+            .expect("find"),
         None,
         "per channel"
     );
@@ -741,13 +759,48 @@ pub async fn case_client_id_lookup(store: Arc<dyn Store>) {
     e.client_id = Some("cid-3".into());
     store.append(&other, &[e]).await.expect("append other");
     assert_eq!(
-        store.find_client_id(&other, "cid-3").await.expect("find"),
+        store
+            .find_client_id(&other, Some("carol"), "cid-3")
+            .await
+            .expect("find"),
         Some(1)
     );
     assert_eq!(
-        store.find_client_id(&ch, "cid-3").await.expect("find"),
+        store
+            .find_client_id(&ch, Some("alice"), "cid-3")
+            .await
+            .expect("find"),
         Some(3)
     );
+
+    // Another sender's equal id is another message, found on its own.
+    assert_eq!(
+        store
+            .find_client_id(&ch, Some("bob"), "cid-1")
+            .await
+            .expect("find"),
+        None,
+        "per sender"
+    );
+    let mut f = msg(5, 5, "bob");
+    f.client_id = Some("cid-1".into());
+    let mut g = msg(6, 6, "server");
+    g.sender = None;
+    g.client_id = Some("cid-1".into());
+    store
+        .append(&ch, &[f, g])
+        .await
+        .expect("append bob and server");
+    for (sender, offset) in [(Some("alice"), 1), (Some("bob"), 5), (None, 6)] {
+        assert_eq!(
+            store
+                .find_client_id(&ch, sender, "cid-1")
+                .await
+                .expect("find"),
+            Some(offset),
+            "{sender:?}"
+        );
+    }
 }
 
 // ---- rooms and membership ----

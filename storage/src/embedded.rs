@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | `entries` | `channel \0 offset` | [`Entry`] |
 //! | `heads` | `channel` | [`ChannelHead`] |
-//! | `client_ids` | `channel \0 client_id` | offset |
+//! | `client_ids` | `channel \0 sender \0 client_id` | offset |
 //! | `rooms` | `room` | [`RoomInfo`] |
 //! | `members` | `room \0 user` | [`Member`] |
 //! | `user_rooms` | `user \0 room` | (empty) |
@@ -660,7 +660,9 @@ impl Store for EmbeddedStore {
                 e.offset,
                 entry_key(channel, e.offset),
                 encode(e)?,
-                e.client_id.clone(),
+                e.client_id
+                    .as_deref()
+                    .map(|cid| crate::client_key(e.sender.as_deref(), cid)),
             ));
         }
         let (last_offset, last_seq) = (last.offset, last.msg_seq);
@@ -779,9 +781,14 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn find_client_id(&self, channel: &str, client_id: &str) -> Result<Option<u64>> {
+    async fn find_client_id(
+        &self,
+        channel: &str,
+        sender: Option<&str>,
+        client_id: &str,
+    ) -> Result<Option<u64>> {
         check_name("channel", channel)?;
-        let key = key2(channel, client_id.as_bytes());
+        let key = key2(channel, crate::client_key(sender, client_id).as_bytes());
         self.run(
             move |db| match db.ks.client_ids.get(&key).map_err(db_err)? {
                 Some(v) => u64_value(&v).map(Some),

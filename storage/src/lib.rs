@@ -35,6 +35,12 @@ pub use error::{ErrorKind, StorageError};
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// The key under which a backend records a client message id: the sender
+/// and the id, so one sender's ids never answer for another's.
+pub fn client_key(sender: Option<&str>, client_id: &str) -> String {
+    format!("{}\u{0}{client_id}", sender.unwrap_or_default())
+}
+
 /// The largest page any list or range call returns, whatever `limit` asks.
 pub const MAX_PAGE: usize = 1000;
 
@@ -77,8 +83,16 @@ pub trait Store: Send + Sync + 'static {
     /// Fails with [`ErrorKind::NotFound`] if there is none. The client-id index is left as it is.
     async fn update_entry(&self, channel: &str, entry: &Entry) -> Result<()>;
 
-    /// The offset stored for a client-supplied message id, if any.
-    async fn find_client_id(&self, channel: &str, client_id: &str) -> Result<Option<u64>>;
+    /// The offset stored for a client-supplied message id of `sender`, if
+    /// any. Ids belong to their sender: two senders' equal ids are two
+    /// messages (a sender-less entry, from the server API without `sender`,
+    /// is its own sender).
+    async fn find_client_id(
+        &self,
+        channel: &str,
+        sender: Option<&str>,
+        client_id: &str,
+    ) -> Result<Option<u64>>;
 
     // ---- rooms and membership ----
 

@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `channels` | `channel` | | epoch, a hint of the newest bucket |
 //! | `messages` | `(channel, bucket)` | `msg_offset DESC` | one entry (MessagePack) per row; static `top`, `top_seq` |
-//! | `client_ids` | `(channel, client_id)` | | offset and writer id of the append that recorded a client message id |
+//! | `client_ids` | `(channel, client_id)` | | offset and writer id of the append that recorded a client message id; `client_id` holds `sender \0 id` ([`crate::client_key`]) |
 //! | `rooms` | `room_id` | | room metadata |
 //! | `members` / `user_rooms` | `room_id` / `user_id` | `user_id` / `room_id` | membership, both ways |
 //! | `read_markers` | `channel` | `user_id` | read marker offsets |
@@ -1255,7 +1255,7 @@ impl ScyllaStore {
     /// which [`Store::find_client_id`] checks against the stored entry.
     async fn record_client_ids(&self, channel: &str, entries: &[Entry], writer: i64) -> Result<()> {
         let writes = entries.iter().filter_map(|e| {
-            let cid = e.client_id.as_deref()?;
+            let cid = crate::client_key(e.sender.as_deref(), e.client_id.as_deref()?);
             Some(async move {
                 let offset = to_i64(e.offset, "offset")?;
                 self.exec(&self.st.client_id_put, (channel, cid, offset, writer))
@@ -1748,9 +1748,15 @@ impl crate::Store for ScyllaStore {
         Err(not_found())
     }
 
-    async fn find_client_id(&self, channel: &str, client_id: &str) -> Result<Option<u64>> {
+    async fn find_client_id(
+        &self,
+        channel: &str,
+        sender: Option<&str>,
+        client_id: &str,
+    ) -> Result<Option<u64>> {
+        let key = crate::client_key(sender, client_id);
         let row: Option<(Option<i64>, Option<i64>)> = self
-            .one(&self.st.client_id_get, (channel, client_id))
+            .one(&self.st.client_id_get, (channel, key.as_str()))
             .await?;
         let Some((Some(offset), Some(writer))) = row else {
             return Ok(None);

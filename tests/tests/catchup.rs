@@ -14,6 +14,7 @@ both_encodings!(
     resubscribe_while_the_room_is_written_to,
     unrecoverable_resubscribes_say_why,
     client_id_makes_a_retried_send_idempotent,
+    client_ids_belong_to_their_sender,
 );
 
 fn offsets(entries: &Value) -> Vec<u64> {
@@ -430,5 +431,107 @@ async fn client_id_makes_a_retried_send_idempotent(enc: Encoding) {
     assert_eq!(
         (f["offset"].as_u64(), f["duplicate"].as_bool()),
         (Some(7), Some(true))
+    );
+}
+
+/// An id is its sender's: another user (or the server API as another
+/// sender, or a publisher on a topic) reusing it stores a message of its own.
+async fn client_ids_belong_to_their_sender(enc: Encoding) {
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    let mut bob = node.connect("bob", other(enc)).await;
+    alice
+        .ok(
+            "room.create",
+            json!({"room": "s", "kind": "group", "members": ["bob"]}),
+        )
+        .await;
+    bob.ok("room.join", json!({"room": "s"})).await;
+
+    let a = alice
+        .ok(
+            "room.send",
+            json!({"room": "s", "text": "from alice", "client_id": "shared"}),
+        )
+        .await;
+    let b = bob
+        .ok(
+            "room.send",
+            json!({"room": "s", "text": "from bob", "client_id": "shared"}),
+        )
+        .await;
+    assert_eq!(
+        (a["offset"].as_u64(), a["duplicate"].as_bool()),
+        (Some(3), Some(false))
+    );
+    assert_eq!(
+        (b["offset"].as_u64(), b["duplicate"].as_bool()),
+        (Some(4), Some(false))
+    );
+    // Each sender's retry still finds its own message.
+    let again = bob
+        .ok(
+            "room.send",
+            json!({"room": "s", "text": "from bob", "client_id": "shared"}),
+        )
+        .await;
+    assert_eq!(
+        (again["offset"].as_u64(), again["duplicate"].as_bool()),
+        (Some(4), Some(true))
+    );
+
+    // The server API posting as another sender, and without a sender.
+    let mut offsets = Vec::new();
+    for body in [
+        json!({"sender": "bot", "text": "from bot", "client_id": "shared"}),
+        json!({"text": "from the app", "client_id": "shared"}),
+        json!({"sender": "bot", "text": "from bot", "client_id": "shared"}),
+    ] {
+        let (status, v) = node
+            .api("POST", "/api/v1/rooms/s/messages", Some(body))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        offsets.push((v["offset"].as_u64(), v["duplicate"].as_bool()));
+    }
+    assert_eq!(
+        offsets,
+        vec![
+            (Some(5), Some(false)),
+            (Some(6), Some(false)),
+            (Some(5), Some(true))
+        ]
+    );
+
+    let h = alice.ok("history", json!({"channel": "room:s"})).await;
+    let texts: Vec<&str> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        vec!["from alice", "from bob", "from bot", "from the app"]
+    );
+
+    // The same on a topic: two publishers, one id, two publications.
+    let claims = Some(json!({"publish": ["post:*"]}));
+    let ttl = std::time::Duration::from_secs(3600);
+    let mut w1 = node
+        .connect_token(&node.token_with("w1", ttl, claims.clone()), enc)
+        .await;
+    let mut w2 = node
+        .connect_token(&node.token_with("w2", ttl, claims), other(enc))
+        .await;
+    let args = json!({"topic": "post:1", "data": 1, "client_id": "shared"});
+    let x = w1.ok("topic.publish", args.clone()).await;
+    let y = w2.ok("topic.publish", args).await;
+    assert_eq!(
+        (x["offset"].as_u64(), x["duplicate"].as_bool()),
+        (Some(1), Some(false))
+    );
+    assert_eq!(
+        (y["offset"].as_u64(), y["duplicate"].as_bool()),
+        (Some(2), Some(false))
     );
 }
