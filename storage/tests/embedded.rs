@@ -125,7 +125,10 @@ async fn reopen_after_drop_keeps_acknowledged_writes() {
         .expect("read_range");
     assert_eq!(all, (1..=100).map(|o| entry(ch, o)).collect::<Vec<_>>());
     assert_eq!(
-        store.find_client_id(ch, "cid-77").await.expect("find"),
+        store
+            .find_client_id(ch, Some("alice"), "cid-77")
+            .await
+            .expect("find"),
         Some(77)
     );
     assert_eq!(

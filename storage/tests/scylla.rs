@@ -735,7 +735,10 @@ async fn reconnect_keeps_history() {
         .expect("history");
     assert_eq!(offsets(&history), (1..=12).collect::<Vec<_>>());
     assert_eq!(
-        store.find_client_id(ch, "cid-7").await.expect("client id"),
+        store
+            .find_client_id(ch, Some("alice"), "cid-7")
+            .await
+            .expect("client id"),
         Some(7)
     );
     // A deleted message keeps its client id in the index (the trait's rule).
@@ -748,7 +751,10 @@ async fn reconnect_keeps_history() {
         .await
         .expect("delete in place");
     assert_eq!(
-        store.find_client_id(ch, "cid-7").await.expect("client id"),
+        store
+            .find_client_id(ch, Some("alice"), "cid-7")
+            .await
+            .expect("client id"),
         Some(7)
     );
     assert_eq!(store.get_room("durable").await.expect("room"), Some(room));
