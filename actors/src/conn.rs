@@ -457,9 +457,9 @@ impl ConnActor {
             Request::History(a) => self.history(a).await,
             Request::Typing(a) => match self.check_room(&a.room) {
                 Ok(key) => svc
-                    .tell_room(&key, room::Typing { user: me })
+                    .ask_room(&key, room::Typing { user: me })
                     .await
-                    .map(|_| json!({})),
+                    .map(|()| json!({})),
                 Err(f) => Err(f),
             },
             Request::Read(a) => match self.check_room(&a.room) {

@@ -87,6 +87,11 @@ impl Metrics {
             m.slow_consumers.clone(),
         );
         registry.register(
+            "idle_disconnects",
+            "Connections closed with 4004 because nothing arrived within the idle timeout",
+            m.idle_disconnects.clone(),
+        );
+        registry.register(
             "active_rooms",
             "Room/topic actors in memory",
             m.active_rooms.clone(),

@@ -673,19 +673,23 @@ impl RoomActor {
             offset: head.offset,
             recovered: true,
             reason: None,
+            detail: None,
             missed: Vec::new(),
         };
         if let Some((offset, epoch)) = from {
             if epoch.as_ref().is_some_and(|e| *e != head.epoch) {
                 res.recovered = false;
-                res.reason = Some("epoch_changed: the channel's history was reset".into());
+                res.reason = Some("epoch_changed".into());
+                res.detail = Some("the channel's history was reset".into());
             } else if offset > head.offset {
                 res.recovered = false;
-                res.reason = Some("offset_ahead: the channel has no such offset".into());
+                res.reason = Some("offset_ahead".into());
+                res.detail = Some("the channel has no such offset".into());
             } else if head.offset - offset > self.svc.config.max_catchup as u64 {
                 res.recovered = false;
-                res.reason = Some(format!(
-                    "too_far_behind: more than {} entries missed; page with `history` and subscribe again",
+                res.reason = Some("too_far_behind".into());
+                res.detail = Some(format!(
+                    "more than {} entries missed; page with `history` and subscribe again",
                     self.svc.config.max_catchup
                 ));
             } else if offset < head.offset {
@@ -702,7 +706,8 @@ impl RoomActor {
                 }
                 if res.missed.len() as u64 != head.offset - offset {
                     res.recovered = false;
-                    res.reason = Some("history_trimmed: older entries are no longer stored".into());
+                    res.reason = Some("history_trimmed".into());
+                    res.detail = Some("older entries are no longer stored".into());
                     res.missed.clear();
                 }
             }
@@ -1280,11 +1285,10 @@ impl Message<Unsubscribe> for RoomActor {
 }
 
 impl Message<Typing> for RoomActor {
-    type Reply = ();
-    async fn handle(&mut self, m: Typing, ctx: &mut Context<Self, ()>) {
-        if self.check_post(Some(&m.user)).is_err() {
-            return;
-        }
+    /// Refused like a send: 3002 without the room, 3003 for a non-member.
+    type Reply = Result<(), Fail>;
+    async fn handle(&mut self, m: Typing, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.check_post(Some(&m.user))?;
         let expires = Instant::now() + self.svc.config.typing_ttl;
         let new = self.typing.insert(m.user, expires).is_none();
         if new {
@@ -1298,6 +1302,7 @@ impl Message<Typing> for RoomActor {
                     .send_after(self.svc.config.typing_ttl),
             );
         }
+        Ok(())
     }
 }
 

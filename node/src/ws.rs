@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError, Session};
 use bytestring::ByteString;
 use chorus_actors::conn::{ConnActor, ConnArgs, Inbound};
 use chorus_actors::hub::{outbound, ConnOutbox};
@@ -226,14 +226,15 @@ async fn read_loop(
             Ok(Some(Ok(AggregatedMessage::Text(t)))) => (t.into_bytes(), Encoding::Json),
             Ok(Some(Ok(AggregatedMessage::Binary(b)))) => (b, Encoding::MsgPack),
             Ok(Some(Err(e))) => {
-                // Over the hard limit or not WebSocket: nothing more can be read safely.
+                // Nothing more can be read safely: close with the RFC 6455 code.
                 tracing::debug!(error = %e, "websocket protocol error");
-                metrics.error(ErrorCode::FrameTooLarge);
+                let (code, error, why) = protocol_close(&e);
+                metrics.error(error);
                 let _ = session
                     .clone()
                     .close(Some(CloseReason {
-                        code: CloseCode::Size,
-                        description: Some("frame too large or invalid".into()),
+                        code,
+                        description: Some(why.into()),
                     }))
                     .await;
                 break;
@@ -403,5 +404,28 @@ async fn send(
             }
         },
         Encoding::MsgPack => session.binary(bytes).await,
+    }
+}
+
+/// The close a broken WebSocket stream gets (RFC 6455 section 7.4.1): 1009
+/// for a frame over the hard limit, 1007 for a text frame that is not UTF-8,
+/// 1002 for anything else that is not valid WebSocket.
+fn protocol_close(e: &ProtocolError) -> (CloseCode, ErrorCode, &'static str) {
+    match e {
+        ProtocolError::Overflow => (
+            CloseCode::Size,
+            ErrorCode::FrameTooLarge,
+            "frame over the hard size limit",
+        ),
+        ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => (
+            CloseCode::Invalid,
+            ErrorCode::MalformedFrame,
+            "text frame is not valid UTF-8",
+        ),
+        _ => (
+            CloseCode::Protocol,
+            ErrorCode::MalformedFrame,
+            "invalid WebSocket framing",
+        ),
     }
 }

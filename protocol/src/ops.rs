@@ -308,8 +308,12 @@ pub struct Subscribed {
     pub offset: u64,
     /// Whether every entry after the client's offset is in `missed`.
     pub recovered: bool,
+    /// Why `recovered` is false: one of the tokens in `docs/protocol.md`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A human-readable explanation beside `reason`, for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// Entries after the client's offset, oldest first.
     #[serde(default)]
     pub missed: Vec<Entry>,

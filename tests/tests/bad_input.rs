@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 both_encodings!(
     malformed_and_invalid_requests_get_their_codes,
+    invalid_utf8_text_closes_with_1007,
     oversized_frames,
     rate_limit,
     persistent_rate_violation_closes_the_connection,
@@ -556,4 +557,33 @@ async fn server_api_bad_input_gets_codes() {
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], 1001);
     node_is_up(&node).await;
+}
+
+/// A text frame that is not UTF-8 cannot be read as JSON or anything else:
+/// RFC 6455 closes it with 1007, and only that socket.
+async fn invalid_utf8_text_closes_with_1007(enc: Encoding) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    let mut bob = node.connect("bob", other(enc)).await;
+    let bytes = b"{\"id\":1,\"op\":\"ping\",\"args\":\"\xff\xfe\"}".to_vec();
+    alice
+        .send_message(Message::Frame(Frame::message(
+            bytes,
+            OpCode::Data(Data::Text),
+            true,
+        )))
+        .await;
+    let (code, reason) = alice.closed_by_server().await;
+    assert_eq!(code, 1007, "{reason}");
+    bob.alive().await;
+    node_is_up(&node).await;
+    let m = node.metrics().await;
+    assert_eq!(
+        metric(&m, "chorus_errors_total{code=\"malformed_frame\"}"),
+        Some(1.0),
+        "{m}"
+    );
 }

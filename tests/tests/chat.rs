@@ -829,6 +829,13 @@ async fn typing_appears_and_expires(enc: Encoding) {
         alice.err("room.typing", json!({"room": "bad room"})).await,
         1007
     );
+    // Refused like a send: a room that does not exist, a non-member.
+    assert_eq!(
+        alice.err("room.typing", json!({"room": "nowhere"})).await,
+        3002
+    );
+    let mut eve = node.connect("eve", enc).await;
+    assert_eq!(eve.err("room.typing", json!({"room": "t"})).await, 3003);
 }
 
 async fn receipts_and_unread_counts(enc: Encoding) {

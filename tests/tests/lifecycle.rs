@@ -562,6 +562,12 @@ async fn silent_connections_are_closed_with_4004(enc: Encoding) {
     let (code, reason) = silent.closed_by_server().await;
     assert_eq!(code, 4004, "{reason}");
     watcher.alive().await;
+    let m = node.metrics().await;
+    assert_eq!(
+        metric(&m, "chorus_idle_disconnects_total"),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 async fn presence(c: &mut Client, status: &str) {
