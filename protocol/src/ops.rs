@@ -244,7 +244,17 @@ fn args<T: DeserializeOwned>(op: &str, args: Value) -> Result<T, (ErrorCode, Str
     } else {
         args
     };
-    serde_json::from_value(args).map_err(|e| (ErrorCode::InvalidArgs, format!("{op}: {e}")))
+    // The path names the field of a wrong type; serde names a missing one itself.
+    serde_path_to_error::deserialize(args).map_err(|e| {
+        let path = e.path().to_string();
+        let why = e.into_inner();
+        let message = if path == "." {
+            format!("{op}: {why}")
+        } else {
+            format!("{op}: {path}: {why}")
+        };
+        (ErrorCode::InvalidArgs, message)
+    })
 }
 
 impl Request {
@@ -412,5 +422,16 @@ mod tests {
             Request::parse("room.send", serde_json::json!({"room": "r"})).unwrap_err();
         assert_eq!(code, ErrorCode::InvalidArgs);
         assert!(msg.contains("text"), "{msg}");
+        // A wrong type is named too, nested ones by their path.
+        let (code, msg) =
+            Request::parse("room.send", serde_json::json!({"room": "r", "text": 5})).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidArgs);
+        assert!(msg.starts_with("room.send: text: invalid type"), "{msg}");
+        let (_, msg) =
+            Request::parse("presence.watch", serde_json::json!({"users": ["a", 7]})).unwrap_err();
+        assert!(
+            msg.starts_with("presence.watch: users[1]: invalid type"),
+            "{msg}"
+        );
     }
 }

@@ -139,12 +139,19 @@ async fn malformed_and_invalid_requests_get_their_codes(enc: Encoding) {
         "names the missing field: {}",
         e.message
     );
-    assert_eq!(
-        alice
-            .err("room.send", json!({"room": 5, "text": "x"}))
-            .await,
-        1003
-    );
+    for (args, field) in [
+        (json!({"room": 5, "text": "x"}), "room"),
+        (json!({"room": "safe", "text": 5}), "text"),
+    ] {
+        let e = alice.err_body("room.send", args).await;
+        assert_eq!(e.code.code(), 1003);
+        assert!(
+            e.message
+                .starts_with(&format!("room.send: {field}: invalid type")),
+            "names the mistyped field: {}",
+            e.message
+        );
+    }
     assert_eq!(alice.err("room.send", json!([1, 2])).await, 1003);
     assert_eq!(alice.err("history", json!({})).await, 1003);
     assert_eq!(
