@@ -629,7 +629,8 @@ impl ConnActor {
         let me = self.user();
         let ids = self.svc.store.user_rooms(&me).await?;
         let mut rooms = Vec::with_capacity(ids.len());
-        for id in ids {
+        // Listing reveals a room: only those the token's `rooms` claim allows.
+        for id in ids.into_iter().filter(|id| self.claims.may_use_room(id)) {
             let key = Channel::room(&id).key();
             match self
                 .svc

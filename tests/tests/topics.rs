@@ -262,6 +262,34 @@ async fn claims_restrict_rooms_and_topics(enc: Encoding) {
     ] {
         assert_eq!(rick.err(op, args.clone()).await, FORBIDDEN, "{op} {args}");
     }
+    // Listing reveals a room: rick is a member of secret-ops (invited through
+    // the server API), but his token lists only the team-* rooms.
+    let (status, _) = node
+        .api(
+            "POST",
+            "/api/v1/rooms",
+            Some(json!({"room": "secret-ops", "kind": "group", "created_by": "alice", "members": ["rick"]})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let full = node
+        .connect("rick", other(enc))
+        .await
+        .ok("rooms.list", json!({}))
+        .await;
+    let listed = |v: &serde_json::Value| -> Vec<String> {
+        let mut ids: Vec<String> = v["rooms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["room"]["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed(&full), vec!["secret-ops", "team-a"], "{full}");
+    let limited = rick.ok("rooms.list", json!({})).await;
+    assert_eq!(listed(&limited), vec!["team-a"], "{limited}");
     // Topics: only `news`.
     rick.ok("subscribe", json!({"channel": "topic:news"})).await;
     assert_eq!(
