@@ -50,6 +50,9 @@ struct Pending {
     /// Retries of the same client id that arrived while this one was in flight.
     duplicates: Vec<Replier>,
     after: After,
+    /// The reply once durable, when it is not the entry's [`Published`]
+    /// (`{"left": true}` for a leave).
+    answer: Option<Value>,
 }
 
 /// Work that follows a durable append.
@@ -316,11 +319,24 @@ impl RoomActor {
     }
 
     fn enqueue(&mut self, entry: Entry, replier: Replier, after: After) {
+        self.enqueue_answering(entry, replier, after, None);
+    }
+
+    /// Queues `entry`; its replier gets `answer` (instead of the entry's
+    /// [`Published`]) once the entry is durable.
+    fn enqueue_answering(
+        &mut self,
+        entry: Entry,
+        replier: Replier,
+        after: After,
+        answer: Option<Value>,
+    ) {
         self.queue.push(Pending {
             entry,
             replier,
             duplicates: Vec::new(),
             after,
+            answer,
         });
         if !self.writing {
             self.start_write();
@@ -417,7 +433,8 @@ impl RoomActor {
                         offset: p.entry.offset,
                         duplicate: false,
                     };
-                    p.replier.send(&self.svc, Ok(to_value(&res))).await;
+                    let answer = p.answer.unwrap_or_else(|| to_value(&res));
+                    p.replier.send(&self.svc, Ok(answer)).await;
                     for d in p.duplicates {
                         let dup = Published {
                             duplicate: true,
@@ -942,9 +959,17 @@ impl Message<Leave> for RoomActor {
                 ErrorCode::WrongRoomKind,
                 "nobody leaves a direct room",
             )),
-            _ => self.remove(&m.user, None).await,
+            _ => self.removable(&m.user),
         };
-        if let (Ok(()), Some(conn)) = (&r, m.conn) {
+        if let Err(f) = r {
+            m.replier.send(&self.svc, Err(f)).await;
+            return;
+        }
+        // Answered once the `left` entry is durable, so it is readable then.
+        let removed = self
+            .remove(&m.user, None, m.replier, json!({"left": true}))
+            .await;
+        if let (true, Some(conn)) = (removed, m.conn) {
             // The user's other connections to a non-public room follow once the
             // `left` entry is delivered (`After::Removed`).
             if self.subscribers.remove(&conn).is_some() {
@@ -958,22 +983,32 @@ impl Message<Leave> for RoomActor {
                     .await;
             }
         }
-        m.replier
-            .send(&self.svc, r.map(|_| json!({"left": true})))
-            .await;
     }
 }
 
 impl RoomActor {
-    async fn remove(&mut self, user: &str, by: Option<&str>) -> Result<(), Fail> {
+    fn removable(&self, user: &str) -> Result<(), Fail> {
         self.require_room()?;
         if !self.is_member(user) {
             return Err(Fail::new(ErrorCode::NotMember, "not a member of this room"));
         }
-        self.svc
-            .store
-            .remove_member(&self.channel.name, user)
-            .await?;
+        Ok(())
+    }
+
+    /// Removes a member (checked with [`Self::removable`]) and publishes the
+    /// `left` entry; `replier` gets `answer` once that entry is durable.
+    /// False when the store refused (the replier has the error).
+    async fn remove(
+        &mut self,
+        user: &str,
+        by: Option<&str>,
+        replier: Replier,
+        answer: Value,
+    ) -> bool {
+        if let Err(e) = self.svc.store.remove_member(&self.channel.name, user).await {
+            replier.send(&self.svc, Err(e.into())).await;
+            return false;
+        }
         self.members.remove(user);
         let mut e = self.room_entry(EntryKind::Left, Some(user.to_string()));
         if let Some(by) = by {
@@ -990,8 +1025,8 @@ impl RoomActor {
         } else {
             After::Removed(user.to_string())
         };
-        self.enqueue(e, Replier::None, after);
-        Ok(())
+        self.enqueue_answering(e, replier, after, Some(answer));
+        true
     }
 }
 
@@ -1047,15 +1082,17 @@ impl Message<Kick> for RoomActor {
                         "only the room's owner may remove members",
                     ))
                 }
-                _ => {
-                    self.remove(&m.user, m.by.as_deref().or(Some("server")))
-                        .await
-                }
+                _ => self.removable(&m.user),
             },
         };
-        m.replier
-            .send(&self.svc, r.map(|_| json!({"removed": m.user})))
-            .await;
+        match r {
+            Err(f) => m.replier.send(&self.svc, Err(f)).await,
+            Ok(()) => {
+                let by = m.by.as_deref().or(Some("server"));
+                let answer = json!({"removed": m.user});
+                self.remove(&m.user, by, m.replier, answer).await;
+            }
+        }
     }
 }
 
