@@ -136,6 +136,9 @@ pub struct Hub {
     channels: HashMap<String, HashSet<ConnId>>,
     conn_channels: HashMap<ConnId, HashSet<String>>,
     metrics: Arc<Metrics>,
+    /// Set by [`CloseAll`]: a connection registering after it (its handshake
+    /// raced the shutdown) is closed the same way at once.
+    closing: Option<(u16, String)>,
 }
 
 impl Hub {
@@ -145,6 +148,7 @@ impl Hub {
             channels: HashMap::new(),
             conn_channels: HashMap::new(),
             metrics,
+            closing: None,
         }
     }
 
@@ -230,6 +234,9 @@ pub struct CloseAll {
 impl Message<Register> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: Register, _: &mut Context<Self, ()>) {
+        if let Some((code, reason)) = &self.closing {
+            m.sink.close(*code, reason);
+        }
         self.conns.insert(m.conn, m.sink);
     }
 }
@@ -311,6 +318,7 @@ impl Message<CloseAll> for Hub {
         for sink in self.conns.values() {
             sink.close(m.code, &m.reason);
         }
+        self.closing = Some((m.code, m.reason));
         n
     }
 }

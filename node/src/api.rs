@@ -105,6 +105,13 @@ fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     if api_key_matches(presented, &state.api_key) {
+        if state.services.is_stopping() {
+            // Draining: the caller retries on another node.
+            return Err(fail(Fail::new(
+                ErrorCode::ShuttingDown,
+                "node is shutting down, retry on another node",
+            )));
+        }
         Ok(())
     } else {
         state.services.metrics.error(ErrorCode::ApiKeyInvalid);

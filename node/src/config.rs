@@ -229,11 +229,18 @@ impl Default for ActorsSection {
 pub struct ShutdownSection {
     /// Upper bound on each shutdown phase (drain connections, stop actors, flush), in milliseconds.
     pub timeout_ms: u64,
+    /// The least time the node keeps answering 503 (on `/readyz`, new
+    /// handshakes and API calls) before it closes its listener, so a load
+    /// balancer's probe sees it; capped at `timeout_ms`.
+    pub readiness_grace_ms: u64,
 }
 
 impl Default for ShutdownSection {
     fn default() -> Self {
-        ShutdownSection { timeout_ms: 10_000 }
+        ShutdownSection {
+            timeout_ms: 10_000,
+            readiness_grace_ms: 2_000,
+        }
     }
 }
 

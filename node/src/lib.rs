@@ -8,9 +8,10 @@
 //!   runtime: rooms, users, connections and the hub run there, never on the
 //!   HTTP workers), binds the listener and serves `/ws`, `/api/v1`,
 //!   `/healthz`, `/readyz` and `/metrics`. [`NodeHandle::shutdown`] stops in
-//!   order, each phase bounded: stop accepting, close every socket with
-//!   1001 (reconnect elsewhere), drain, stop actors (in-flight appends finish
-//!   and are acknowledged), flush the store.
+//!   order, each phase bounded: readiness 503 and new sockets refused with
+//!   503/5005 (the listener stays open), close every socket with 1001
+//!   (reconnect elsewhere), drain, stop actors (in-flight appends finish and
+//!   are acknowledged), flush the store, close the listener.
 
 pub mod api;
 pub mod auth;
@@ -50,6 +51,7 @@ pub struct NodeHandle {
     ready: Arc<AtomicBool>,
     background: CancellationToken,
     timeout: Duration,
+    readiness_grace: Duration,
 }
 
 /// Starts a node. Binds `config.node.listen` (port 0 picks a free port; see [`NodeHandle::http_addr`]).
@@ -143,6 +145,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         ready,
         background,
         timeout,
+        readiness_grace: Duration::from_millis(config.shutdown.readiness_grace_ms),
     })
 }
 
@@ -201,10 +204,11 @@ impl NodeHandle {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let started = Instant::now();
         let svc = self.services.clone();
-        // 1. Stop accepting; readiness goes red so load balancers move away.
+        // 1. Readiness goes red so load balancers move away. The listener
+        //    stays open until the end: new sockets get 503 (5005) and
+        //    `/readyz` 503, never a refused connection.
         self.ready.store(false, Ordering::Relaxed);
         svc.begin_stopping();
-        self.server.pause().await;
         // 2. Tell every client to reconnect elsewhere, and wait for sockets to drain.
         let open = svc
             .hub
@@ -216,18 +220,24 @@ impl NodeHandle {
             .unwrap_or(0);
         let drained = wait_until(self.timeout, || svc.metrics.connections.get() == 0).await;
         tracing::info!(open, drained, "connections closed");
-        // 3. Stop the HTTP server (remaining sockets are dropped at the bound).
-        let server = self.server.clone();
-        let _ = tokio::time::timeout(self.timeout, server.stop(true)).await;
-        let _ = tokio::time::timeout(self.timeout, &mut self.server_task).await;
-        // 4. Stop actors: each drains its mailbox, so in-flight appends are acknowledged.
+        // 3. Stop actors: each drains its mailbox, so in-flight appends are acknowledged.
         self.background.cancel();
         let stuck = svc.stop_actors(self.timeout).await;
         if stuck > 0 {
             tracing::warn!(stuck, "actors did not stop within the shutdown timeout");
         }
-        // 5. Flush the store.
+        // 4. Flush the store.
         let flushed = tokio::time::timeout(self.timeout, svc.store.flush()).await;
+        // 5. Close the listener last, not before the readiness grace, so a
+        //    balancer's probe has seen the 503 (remaining sockets are dropped
+        //    at the bound).
+        let grace = self.readiness_grace.min(self.timeout);
+        if let Some(rest) = grace.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        let server = self.server.clone();
+        let _ = tokio::time::timeout(self.timeout, server.stop(true)).await;
+        let _ = tokio::time::timeout(self.timeout, &mut self.server_task).await;
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }

@@ -101,6 +101,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.notifications.coalesce_ms = 100;
     c.notifications.purge_interval_ms = 200;
     c.shutdown.timeout_ms = 5_000;
+    c.shutdown.readiness_grace_ms = 0;
     c
 }
 

@@ -14,6 +14,7 @@ both_encodings!(
     restart_keeps_history_unread_notifications_and_membership,
     kill_keeps_every_acknowledged_message,
     graceful_shutdown_closes_clients_with_1001,
+    draining_answers_503_until_the_listener_closes,
     idle_actors_passivate_and_come_back,
     health_readiness_and_metrics,
     silent_connections_are_closed_with_4004,
@@ -575,4 +576,69 @@ async fn presence(c: &mut Client, status: &str) {
         p.push == "presence" && p.data["user"] == "silent" && p.data["status"] == status
     })
     .await;
+}
+
+/// From SIGTERM until exit the listener stays open: `/readyz` and a new
+/// `/ws` handshake answer 503 (5005), the server API 503 (5005); only once
+/// the node has stopped is the connection refused, and not before
+/// `shutdown.readiness_grace_ms`, so a load balancer's probe sees it.
+async fn draining_answers_503_until_the_listener_closes(enc: Encoding) {
+    let node = TestNode::start_with(test_dir(), |c| c.shutdown.readiness_grace_ms = 3000).await;
+    let addr = node.addr;
+    let url = node.ws_url();
+    let token = node.token("carol");
+    let mut client = node.connect("dave", enc).await;
+    let stopping = tokio::spawn(node.stop());
+
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("client")
+    };
+    let readyz = format!("http://{addr}/readyz");
+    eventually("/readyz to answer 503", || {
+        let (client, readyz) = (fresh(), readyz.clone());
+        async move {
+            let r = client
+                .get(readyz)
+                .send()
+                .await
+                .expect("the listener is open");
+            (r.status().as_u16() == 503).then_some(())
+        }
+    })
+    .await;
+    let refused = match Client::connect(&url, &token, enc).await {
+        Ok(_) => panic!("a handshake during the drain was accepted"),
+        Err(r) => r,
+    };
+    assert_eq!(
+        (refused.status, refused.code),
+        (503, Some(5005)),
+        "{refused:?}"
+    );
+    let (status, v) = chorus_tests::api_call(
+        addr,
+        "POST",
+        "/api/v1/notifications",
+        Some(json!({"user": "carol", "type": "t", "title": "x"})),
+        Some(chorus_tests::API_KEY),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_u64()),
+        (503, Some(5005)),
+        "{v}"
+    );
+    assert!(!stopping.is_finished(), "the drain ended before the checks");
+
+    let (code, _) = client.closed_by_server().await;
+    assert_eq!(code, 1001);
+    stopping.await.expect("shutdown completes");
+    let after = fresh().get(&readyz).send().await;
+    assert!(
+        after.is_err(),
+        "the listener is closed after the node stopped: {after:?}"
+    );
 }
