@@ -138,6 +138,8 @@ export interface RequestOptions {
 
 interface Req {
   id: number;
+  /** Creation order: the queue is kept in it, so a client's sends keep their order across reconnects. */
+  order: number;
   op: string;
   args: unknown;
   /** Safe to send again after the connection dropped with it in flight. */
@@ -513,6 +515,7 @@ export class ChorusClient extends Emitter<ClientEvents> {
   private ws: WebSocketLike | undefined;
   private socketGen = 0;
   private seq = 0;
+  private orderSeq = 0;
   private pending = new Map<number, Req>();
   private queue: Req[] = [];
   private subs = new Map<string, Subscription>();
@@ -593,6 +596,7 @@ export class ChorusClient extends Emitter<ClientEvents> {
     return new Promise((resolve, reject) => {
       const req: Req = {
         id: 0,
+        order: ++this.orderSeq,
         op,
         args,
         resend: RESENDABLE.has(op),
@@ -731,6 +735,7 @@ export class ChorusClient extends Emitter<ClientEvents> {
     return new Promise((resolve, reject) => {
       const req: Req = {
         id: 0,
+        order: ++this.orderSeq,
         op,
         args,
         resend: false,
@@ -787,6 +792,12 @@ export class ChorusClient extends Emitter<ClientEvents> {
     );
   }
 
+  /** Puts requests back in the queue, in creation order. */
+  private requeue(reqs: Req[]): void {
+    if (reqs.length === 0) return;
+    this.queue = [...this.queue, ...reqs].sort((a, b) => a.order - b.order);
+  }
+
   private fail(req: Req, err: ChorusError): void {
     if (req.done) return;
     req.done = true;
@@ -825,7 +836,7 @@ export class ChorusClient extends Emitter<ClientEvents> {
       // The node is draining: a request that is safe to resend goes out again after the reconnect.
       if (frame.error.code === 5005 && req.resend && !req.internal && this.queueOpts !== false) {
         req.id = 0;
-        this.queue.unshift(req);
+        this.requeue([req]);
         return;
       }
       const extra = { op: req.op, ...(req.clientId ? { clientId: req.clientId } : {}) };
@@ -1087,7 +1098,7 @@ export class ChorusClient extends Emitter<ClientEvents> {
         );
       }
     }
-    this.queue = [...requeue, ...this.queue];
+    this.requeue(requeue);
     if (this.queueOpts === false) {
       for (const r of this.queue) this.fail(r, ChorusError.client("not_connected", `${r.op}: not connected`, { op: r.op }));
       this.queue = [];
