@@ -756,7 +756,8 @@ export class ChorusClient extends Emitter<ClientEvents> {
 
   /** @internal presence watches and state, restored after a reconnect */
   _rememberWatch(args: PresenceWatchArgs): void {
-    this.watches.push(args);
+    const key = watchKey(args);
+    if (!this.watches.some((w) => watchKey(w) === key)) this.watches.push(args);
   }
   /** @internal */
   _forgetWatch(args: PresenceWatchArgs): void {

@@ -81,6 +81,7 @@ test("two users in the demo: live messages, unread badge, bell, typing, receipts
   await signIn(bob, "bob");
   await joinRoom(alice, "lobby");
   await joinRoom(bob, "lobby");
+  await alice.locator('[data-testid="presence-bob"][data-status="online"]').waitFor(); // a member who joined later
   await joinRoom(bob, "random"); // lobby stays in bob's list, not open
 
   // A mention in a room bob is not looking at: his unread badge and his bell count it.

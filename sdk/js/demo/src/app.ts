@@ -227,6 +227,13 @@ function onEntry(channel: string, e: Entry): void {
   if (id === current) {
     apply(e);
     renderMessages();
+    if (e.kind === "joined") {
+      // A new member: watch the room again to see them too.
+      void client.presence.watch({ room: id }).then((ps) => {
+        for (const p of ps) presence.set(p.user, p);
+        renderPresence();
+      });
+    }
     if (e.kind === "message" && e.sender !== me) markRead();
   } else if (e.kind === "message" && e.sender !== me) {
     rooms.get(id)!.unread++;
