@@ -27,6 +27,4 @@ export CHORUS_REQUIRE_CQL=1
 
 echo "== tests"
 cargo test --workspace
-
-echo "== TypeScript SDK and demo (browser test in Chromium)"
 bash sdk/js/test.sh

@@ -20,7 +20,7 @@ fi
 chromium="${CHROMIUM:-/usr/bin/chromium}"
 [[ -x "$chromium" ]] || { echo "$chromium is missing: apt-get install -y chromium" >&2; exit 1; }
 
-echo "== npm ci"
+echo "== sdk/js: npm ci"
 npm ci --no-audit --no-fund --loglevel=error
 echo "== build (SDK, tests, demo type check)"
 npm run -s build
