@@ -1136,7 +1136,12 @@ export class ChorusClient extends Emitter<ClientEvents> {
     if (ro === false) {
       this.setState("disconnected");
       this.emit("disconnected", { code, reason, willReconnect: false, delayMs: 0, ...(httpStatus ? { httpStatus } : {}) });
-      return this.shutdown(undefined, true);
+      return this.shutdown(
+        opened
+          ? ChorusError.client("connection_lost", `the connection closed (${code}${reason ? ` ${reason}` : ""}) and reconnect is off`)
+          : ChorusError.client("not_connected", `could not connect (${code}${reason ? ` ${reason}` : ""}${httpStatus ? `, HTTP ${httpStatus}` : ""}) and reconnect is off`),
+        true,
+      );
     }
     if (this.attempt >= ro.maxAttempts) {
       return this.shutdown(ChorusError.client("reconnect_failed", `gave up after ${this.attempt} attempts (last close ${code} ${reason})`));
