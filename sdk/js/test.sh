@@ -14,7 +14,9 @@ repo="$(cd ../.. && pwd)"
 if [[ -z "${CHORUS_BIN:-}" ]]; then
     echo "== building chorus"
     (cd "$repo" && cargo build -q -p chorus-node)
-    export CHORUS_BIN="$repo/target/debug/chorus"
+    target="${CARGO_TARGET_DIR:-target}"
+    [[ "$target" = /* ]] || target="$repo/$target"
+    export CHORUS_BIN="$target/debug/chorus"
 fi
 [[ -x "$CHORUS_BIN" ]] || { echo "no chorus binary at $CHORUS_BIN" >&2; exit 1; }
 chromium="${CHROMIUM:-/usr/bin/chromium}"

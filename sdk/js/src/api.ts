@@ -198,9 +198,10 @@ export class PresenceApi {
     this.c._rememberWatch(args);
     return res.users;
   }
-  async unwatch(args: PresenceWatchArgs, o?: RequestOptions): Promise<void> {
+  /** Stops watching; resolves with how many users the connection still watches. */
+  async unwatch(args: PresenceWatchArgs, o?: RequestOptions): Promise<{ watching: number }> {
     this.c._forgetWatch(args);
-    await this.c.request("presence.unwatch", args, o);
+    return this.c.request("presence.unwatch", args, o);
   }
   async query(users: string[], o?: RequestOptions): Promise<Presence[]> {
     return (await this.c.request("presence.query", { users }, o)).users;

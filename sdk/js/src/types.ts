@@ -225,7 +225,8 @@ export interface Ops {
   "notifications.prefs.set": { args: Partial<NotificationPrefs>; result: NotificationPrefs };
   "presence.set": { args: PresenceSetArgs; result: Presence };
   "presence.watch": { args: PresenceWatchArgs; result: { users: Presence[] } };
-  "presence.unwatch": { args: PresenceWatchArgs; result: unknown };
+  /** The result is not in docs/protocol.md; the node answers how many users this connection still watches. */
+  "presence.unwatch": { args: PresenceWatchArgs; result: { watching: number } };
   "presence.query": { args: { users: string[] }; result: { users: Presence[] } };
 }
 

@@ -169,7 +169,7 @@ for (const encoding of ["json", "msgpack"] as const) {
       assert.equal(q.find((p) => p.user === "nobody-at-all")?.status, "offline");
       await bob.presence.watch({ room });
       await bob.presence.unwatch({ room });
-      await bob.presence.unwatch({ users: [A] });
+      assert.deepEqual(await bob.presence.unwatch({ users: [A] }), { watching: 0 });
 
       // topics: subscribe, publish (publish claim), history; forbidden without the claim
       const topic = `post:${sfx}`;
