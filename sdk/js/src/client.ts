@@ -837,6 +837,8 @@ export class ChorusClient extends Emitter<ClientEvents> {
       // The node is draining: a request that is safe to resend goes out again after the reconnect.
       if (frame.error.code === 5005 && req.resend && !req.internal && this.queueOpts !== false) {
         req.id = 0;
+        req.timeoutMs = Math.max(req.timeoutMs, this.queueOpts.timeoutMs);
+        this.arm(req);
         this.requeue([req]);
         return;
       }

@@ -44,10 +44,11 @@ after(async () => {
   await node?.destroy();
 });
 
-async function signIn(page: Page, user: string): Promise<void> {
+async function signIn(page: Page, user: string, msgpack = false): Promise<void> {
   page.on("pageerror", (e) => console.error(`[${user}] page error:`, e));
   await page.goto(`http://127.0.0.1:${demo.port}/`);
   await page.getByTestId("user").fill(user);
+  if (msgpack) await page.locator("#msgpack").check();
   await page.getByTestId("signin-button").click();
   await page.getByTestId("me").getByText(user).waitFor();
   await page.locator('[data-testid="conn"].connected').waitFor();
@@ -78,7 +79,8 @@ test("two users in the demo: live messages, unread badge, bell, typing, receipts
   alice.on("dialog", (d) => void d.accept("are you there, bob?"));
 
   await signIn(alice, "alice");
-  await signIn(bob, "bob");
+  await signIn(bob, "bob", true); // bob speaks MessagePack, alice JSON
+  assert.equal(await bob.evaluate(() => (globalThis as any).chorus().codec.encoding), "msgpack");
   await joinRoom(alice, "lobby");
   await joinRoom(bob, "lobby");
   await alice.locator('[data-testid="presence-bob"][data-status="online"]').waitFor(); // a member who joined later
