@@ -99,7 +99,7 @@ export interface UnrecoveredInfo {
   channel: string;
   /** `epoch_changed`, `offset_ahead`, `too_far_behind`, `history_trimmed` (the first word of the server's reason). */
   reason: string;
-  /** The server's full reason text. */
+  /** The server's explanation (`reason: detail`), for logs. */
   message: string;
   /** The channel's epoch and head now: live entries continue after `offset`. */
   epoch: string;
@@ -369,8 +369,9 @@ export class Subscription extends Emitter<SubscriptionEvents> {
         if ((this.offset ?? 0) < res.offset) catchUpTo = res.offset;
       }
     } else {
-      const message = res.reason ?? "not recovered";
-      const reason = message.split(":")[0]!.trim();
+      // `reason` is the token; nodes before `detail` existed sent "token: explanation".
+      const reason = (res.reason ?? "unknown").split(":")[0]!.trim();
+      const message = res.detail ? `${reason}: ${res.detail}` : (res.reason ?? "not recovered");
       const sameEpoch = prevEpoch === undefined || prevEpoch === res.epoch;
       if (reason === "too_far_behind" && autoCatchUp && sameEpoch && prevOffset !== undefined) {
         catchUpTo = res.offset;

@@ -103,8 +103,10 @@ export interface Subscribed {
   /** The channel's head when the subscription began. */
   offset: number;
   recovered: boolean;
-  /** Why `recovered` is false, e.g. `"epoch_changed: ..."`. */
+  /** Why `recovered` is false: `epoch_changed`, `offset_ahead`, `too_far_behind`, `history_trimmed` (older nodes append `: <explanation>`). */
   reason?: string;
+  /** A human-readable explanation beside `reason` (newer nodes). */
+  detail?: string;
   missed: Entry[];
 }
 
