@@ -31,9 +31,6 @@ use crate::services::{Replier, Services};
 use crate::user;
 use crate::{Claims, Fail};
 
-/// Longest client-supplied message id.
-const MAX_CLIENT_ID: usize = 128;
-
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 struct RateLimiter {
     rate: f64,
@@ -396,15 +393,6 @@ impl ConnActor {
                     return Some(Err(Fail::new(
                         ErrorCode::InvalidValue,
                         format!("text longer than {} bytes", svc.config.max_text_bytes),
-                    )));
-                }
-                if a.client_id
-                    .as_ref()
-                    .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID)
-                {
-                    return Some(Err(Fail::new(
-                        ErrorCode::InvalidValue,
-                        "client_id must be 1..=128 bytes",
                     )));
                 }
                 match self.check_room(&a.room) {

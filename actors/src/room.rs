@@ -249,6 +249,9 @@ impl RoomActor {
 
 // ---------- the write pipeline ----------
 
+/// Longest client-supplied message id.
+const MAX_CLIENT_ID: usize = 128;
+
 /// The dedupe key of an entry's client id: [`client_key`] of its sender and id.
 fn entry_client_key(e: &Entry) -> Option<String> {
     e.client_id
@@ -1129,6 +1132,15 @@ impl RoomActor {
             client_id,
             replier,
         } = m;
+        // One rule for every path (socket sends, topic publishes, the server API).
+        if client_id
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID)
+        {
+            let f = Fail::new(ErrorCode::InvalidValue, "client_id must be 1..=128 bytes");
+            replier.send(&self.svc, Err(f)).await;
+            return Err(());
+        }
         let check = if as_client {
             self.check_post(sender.as_deref())
         } else {
