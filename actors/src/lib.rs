@@ -27,11 +27,13 @@
 //!   key, never by a kept `ActorRef`. Today the cluster has one member.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod placement;
 pub mod room;
 pub mod services;
 pub mod user;
