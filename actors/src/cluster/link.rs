@@ -110,7 +110,13 @@ impl Link {
     pub fn start(config: LinkConfig, connect: Connect, metrics: PeerMetrics) -> Link {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let stop = CancellationToken::new();
-        tokio::spawn(run_sender(config, connect, rx, stop.clone(), metrics.clone()));
+        tokio::spawn(run_sender(
+            config,
+            connect,
+            rx,
+            stop.clone(),
+            metrics.clone(),
+        ));
         Link { tx, stop, metrics }
     }
 
@@ -173,7 +179,9 @@ async fn run_sender(
             if !ok {
                 break;
             }
-            ok = send_data(&mut writer, *seq, payload, &metrics).await.is_ok();
+            ok = send_data(&mut writer, *seq, payload, &metrics)
+                .await
+                .is_ok();
         }
         if !ok {
             metrics.reconnects.inc();
@@ -222,7 +230,10 @@ async fn run_sender(
         acks.abort();
         if broken {
             metrics.reconnects.inc();
-            tracing::debug!(peer_unacked = unacked.len(), "peer link broke; reconnecting");
+            tracing::debug!(
+                peer_unacked = unacked.len(),
+                "peer link broke; reconnecting"
+            );
         }
     }
 }
@@ -394,11 +405,18 @@ mod tests {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while got.lock().len() < 500 {
-            assert!(tokio::time::Instant::now() < deadline, "{:?}", got.lock().len());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                got.lock().len()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(*got.lock(), (0..500).collect::<Vec<_>>());
-        assert!(opened.load(Ordering::SeqCst) >= 4, "the first streams broke");
+        assert!(
+            opened.load(Ordering::SeqCst) >= 4,
+            "the first streams broke"
+        );
     }
 
     /// A stream whose reads fail after `budget` bytes.

@@ -130,7 +130,10 @@ impl Membership {
             extra_liveness_predicate: None,
         };
         let initial = vec![
-            (KEY_STATE.to_string(), MemberState::Joining.as_str().to_string()),
+            (
+                KEY_STATE.to_string(),
+                MemberState::Joining.as_str().to_string(),
+            ),
             (KEY_PEER.to_string(), me.peer_id),
             (KEY_TRANSPORT.to_string(), me.transport),
             (KEY_HTTP.to_string(), me.http),
@@ -139,7 +142,12 @@ impl Membership {
         let handle = spawn_chitchat(chitchat_config, initial, &udp).await?;
         let (tx, members) = watch::channel(Arc::new(Vec::new()));
         let stop = CancellationToken::new();
-        tokio::spawn(publish_members(handle.chitchat(), tx, interval, stop.clone()));
+        tokio::spawn(publish_members(
+            handle.chitchat(),
+            tx,
+            interval,
+            stop.clone(),
+        ));
         Ok(Membership {
             handle,
             members,
@@ -239,7 +247,8 @@ fn read_members(c: &chitchat::Chitchat) -> Vec<Member> {
                 .unwrap_or_default(),
         };
         match by_id.get(&id.node_id) {
-            Some(m) if (m.generation, m.state != MemberState::Down) >= (member.generation, alive) => {}
+            Some(m)
+                if (m.generation, m.state != MemberState::Down) >= (member.generation, alive) => {}
             _ => {
                 by_id.insert(id.node_id.clone(), member);
             }

@@ -39,11 +39,31 @@ pub struct ClusterMetrics {
 impl ClusterMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("cluster");
-        r.register("members", "Members by state, as this node sees them", self.members.clone());
-        r.register("peer_frames_out", "Frames sent to each peer", self.frames_out.clone());
-        r.register("peer_bytes_out", "Payload bytes sent to each peer", self.bytes_out.clone());
-        r.register("peer_frames_in", "Frames received from each peer", self.frames_in.clone());
-        r.register("peer_bytes_in", "Payload bytes received from each peer", self.bytes_in.clone());
+        r.register(
+            "members",
+            "Members by state, as this node sees them",
+            self.members.clone(),
+        );
+        r.register(
+            "peer_frames_out",
+            "Frames sent to each peer",
+            self.frames_out.clone(),
+        );
+        r.register(
+            "peer_bytes_out",
+            "Payload bytes sent to each peer",
+            self.bytes_out.clone(),
+        );
+        r.register(
+            "peer_frames_in",
+            "Frames received from each peer",
+            self.frames_in.clone(),
+        );
+        r.register(
+            "peer_bytes_in",
+            "Payload bytes received from each peer",
+            self.bytes_in.clone(),
+        );
         r.register(
             "peer_send_queue",
             "Frames queued for each peer, not yet sent",
@@ -64,7 +84,11 @@ impl ClusterMetrics {
             "Pushes sent once to another node's hub for its subscribers",
             self.remote_deliveries.clone(),
         );
-        r.register("view_changes", "Changes of the set of up members", self.view_changes.clone());
+        r.register(
+            "view_changes",
+            "Changes of the set of up members",
+            self.view_changes.clone(),
+        );
         r.register(
             "ownership_changes",
             "Actors stopped here because their key moved to another node",

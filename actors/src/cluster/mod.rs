@@ -49,6 +49,7 @@ pub struct Cluster {
     generation: u64,
     config: ClusterConfig,
     clustered: bool,
+    gossip_addr: Option<SocketAddr>,
     view: watch::Receiver<Arc<View>>,
     members: watch::Receiver<Members>,
     membership: tokio::sync::Mutex<Option<Membership>>,
@@ -77,6 +78,7 @@ impl Cluster {
             generation: generation_now(),
             config: ClusterConfig::default(),
             clustered: false,
+            gossip_addr: None,
             view,
             members,
             membership: tokio::sync::Mutex::new(None),
@@ -108,7 +110,10 @@ impl Cluster {
             .parse()
             .map_err(|e| anyhow::anyhow!("cluster.listen {:?}: {e}", config.listen))?;
         let transport_listen: SocketAddr = config.transport_listen.parse().map_err(|e| {
-            anyhow::anyhow!("cluster.transport_listen {:?}: {e}", config.transport_listen)
+            anyhow::anyhow!(
+                "cluster.transport_listen {:?}: {e}",
+                config.transport_listen
+            )
         })?;
         let advertise_ip = match config.advertise_host.as_str() {
             "" if gossip_listen.ip().is_unspecified() => anyhow::bail!(
@@ -154,6 +159,7 @@ impl Cluster {
             generation,
             config: config.clone(),
             clustered: true,
+            gossip_addr: Some(SocketAddr::new(advertise_ip, bound.port())),
             view,
             members: members.clone(),
             membership: tokio::sync::Mutex::new(Some(membership)),
@@ -191,6 +197,11 @@ impl Cluster {
     /// Whether other nodes may exist (false: a cluster of one).
     pub fn is_clustered(&self) -> bool {
         self.clustered
+    }
+
+    /// The gossip address other nodes use as a seed (`None`: a cluster of one).
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.gossip_addr
     }
 
     pub fn config(&self) -> &ClusterConfig {
@@ -317,7 +328,9 @@ impl Cluster {
                     n = incoming.next() => n,
                 };
                 let Some((peer, stream)) = next else { return };
-                let Some(cluster) = this.upgrade() else { return };
+                let Some(cluster) = this.upgrade() else {
+                    return;
+                };
                 let deliver = deliver.clone();
                 let (delivered, max) = (cluster.delivered.clone(), cluster.config.max_frame_bytes);
                 let metrics = cluster.metrics.clone();
@@ -364,8 +377,11 @@ fn peer_address(members: &Members, node: &NodeId) -> io::Result<(PeerId, Multiad
     let m = members
         .iter()
         .find(|m| &m.id == node && m.state != MemberState::Down)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{node} is not a member")))?;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{node}: bad {what}"));
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{node} is not a member"))
+        })?;
+    let bad =
+        |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{node}: bad {what}"));
     let peer = m
         .peer_id
         .as_deref()
