@@ -18,6 +18,7 @@ pub mod api_cluster;
 pub mod auth;
 pub mod config;
 pub mod membership;
+pub mod status;
 pub mod ws;
 
 use std::net::{SocketAddr, TcpListener};
