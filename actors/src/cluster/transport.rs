@@ -30,6 +30,9 @@ use super::gossip::derive_key;
 /// The protocol of peer links.
 pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/chorus/link/1");
 
+/// How long connecting and opening a stream may take before the link retries.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A stream to a peer, as tokio reads it.
 pub type PeerStream = Compat<libp2p::Stream>;
 
@@ -125,15 +128,19 @@ impl Transport {
         self.commands
             .send(Command::Connect { peer, addr, done })
             .map_err(|_| io::Error::other("transport stopped"))?;
-        connected
+        let timed_out =
+            || io::Error::new(io::ErrorKind::TimedOut, "connecting to the peer timed out");
+        tokio::time::timeout(OPEN_TIMEOUT, connected)
             .await
+            .map_err(|_| timed_out())?
             .map_err(|_| io::Error::other("transport stopped"))??;
-        let stream = self
-            .control
-            .clone()
-            .open_stream(peer, LINK_PROTOCOL)
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+        let stream = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            self.control.clone().open_stream(peer, LINK_PROTOCOL),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
         Ok(stream.compat())
     }
 
