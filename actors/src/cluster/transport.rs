@@ -226,3 +226,58 @@ fn fail_waiting(
         )));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn transport(secret: &str) -> (Transport, IncomingStreams, Counter) {
+        let refused = Counter::default();
+        let (t, incoming) =
+            Transport::start("127.0.0.1:0".parse().unwrap(), secret, refused.clone())
+                .await
+                .expect("transport starts");
+        (t, incoming, refused)
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_with_the_secret_opens_a_stream() {
+        let secret = "0123456789abcdef-transport";
+        let (server, mut incoming, refused) = transport(secret).await;
+        tokio::spawn(async move {
+            while let Some((_, stream)) = incoming.next().await {
+                let mut s = stream.compat();
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.flush().await;
+                }
+            }
+        });
+        let (friend, _, _) = transport(secret).await;
+        let mut s = friend
+            .open(server.peer_id(), server.listen_addr().clone())
+            .await
+            .expect("same secret: connected");
+        s.write_all(b"hello").await.unwrap();
+        s.flush().await.unwrap();
+        let mut echo = [0u8; 5];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"hello");
+
+        let (stranger, _, _) = transport("another-secret-entirely").await;
+        let r = stranger
+            .open(server.peer_id(), server.listen_addr().clone())
+            .await;
+        assert!(r.is_err(), "a peer without the secret got a stream");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while refused.get() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "refusal not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
