@@ -46,13 +46,14 @@ TOML
     fi
 }
 
-start() { # $1: config, $2: id, $3: seed or ""; prints the HTTP address
+addr=""
+start() { # $1: config, $2: id, $3: seed or ""; sets $addr to its HTTP address
     local log="$work/$2.out" args=(start --listen 127.0.0.1:0 --node-id "$2" --config "$1")
     [[ -n "$3" ]] && args+=(--seed "$3")
     "$bin" "${args[@]}" >"$log" 2>"$work/$2.err" &
     pids+=($!)
     for _ in $(seq 300); do
-        if grep -q '^listening on ' "$log"; then sed -n 's/^listening on //p' "$log"; return; fi
+        if grep -q '^listening on ' "$log"; then addr="$(sed -n 's/^listening on //p' "$log")"; return; fi
         sleep 0.1
     done
     echo "node $2 did not start: $(cat "$work/$2.err")" >&2; exit 1
@@ -82,15 +83,15 @@ run() { # $1: name, rest: targets
 
 ks="chorus_bench_$(date +%s)"
 config "${ks}_single" no >"$work/single.toml"
-single="$(start "$work/single.toml" single "")"
-run single "$single"
+start "$work/single.toml" single ""
+run single "$addr"
 kill -TERM "${pids[0]}"; wait "${pids[0]}" || true; pids=()
 
 config "${ks}_cluster" yes >"$work/cluster.toml"
-a="$(start "$work/cluster.toml" bench-a "")"
+start "$work/cluster.toml" bench-a ""; a="$addr"
 seed="$("$bin" status --json --target "$a" --config "$work/cluster.toml" | python3 -c 'import json,sys; print(json.load(sys.stdin)["members"][0]["gossip"])')"
-b="$(start "$work/cluster.toml" bench-b "$seed")"
-c="$(start "$work/cluster.toml" bench-c "$seed")"
+start "$work/cluster.toml" bench-b "$seed"; b="$addr"
+start "$work/cluster.toml" bench-c "$seed"; c="$addr"
 for _ in $(seq 100); do
     up="$("$bin" status --json --target "$c" --config "$work/cluster.toml" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["view"]))')"
     [[ "$up" == 3 ]] && break
