@@ -1,8 +1,9 @@
 //! The server API (`/api/v1`): what the app's own backend calls.
 //!
-//! Every route needs the `x-api-key` header (compared in constant time).
-//! Errors are `{"error": {"code", "name", "message", "retryable"}}` with an
-//! HTTP status that matches the code.
+//! Every route needs the `x-api-key` header (compared in constant time),
+//! except `GET /api/v1/openapi.json`, the OpenAPI 3.1 document of them all
+//! ([`openapi`]). Errors are `{"error": {"code", "name", "message",
+//! "retryable"}}` with an HTTP status that matches the code.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use chorus_protocol::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::api_key_matches;
 use crate::AppState;
@@ -25,27 +27,35 @@ use crate::AppState;
 /// Most users one notification or feed call may address.
 const MAX_RECIPIENTS: usize = 10_000;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/api/v1")
-            .route("/rooms", web::post().to(create_room))
-            .route("/rooms/{room}", web::get().to(get_room))
-            .route("/rooms/{room}/members", web::post().to(add_member))
-            .route(
-                "/rooms/{room}/members/{user}",
-                web::delete().to(remove_member),
-            )
-            .route("/rooms/{room}/messages", web::post().to(post_message))
-            .route("/rooms/{room}/messages", web::get().to(room_history))
-            .route("/notifications", web::post().to(notify))
-            .route(
-                "/users/{user}/notifications",
-                web::get().to(list_notifications),
-            )
-            .route("/users/{user}/presence", web::get().to(presence))
-            .route("/topics/{topic}/publish", web::post().to(publish_topic))
-            .route("/feeds", web::post().to(publish_feeds)),
-    );
+#[path = "openapi.rs"]
+pub mod openapi;
+
+/// Declares the routes once: [`routes`] registers them and [`ROUTES`] lists
+/// them, so the OpenAPI document's test compares against what is served.
+macro_rules! api_routes {
+    ($($method:ident $path:literal => $handler:path;)*) => {
+        /// `(method, path)` of every route [`routes`] registers, under `/api/v1`.
+        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
+
+        pub fn routes(cfg: &mut web::ServiceConfig) {
+            cfg.service(web::scope("/api/v1")$(.route($path, web::$method().to($handler)))*);
+        }
+    };
+}
+
+api_routes! {
+    post "/rooms" => create_room;
+    get "/rooms/{room}" => get_room;
+    post "/rooms/{room}/members" => add_member;
+    delete "/rooms/{room}/members/{user}" => remove_member;
+    post "/rooms/{room}/messages" => post_message;
+    get "/rooms/{room}/messages" => room_history;
+    post "/notifications" => notify;
+    get "/users/{user}/notifications" => list_notifications;
+    get "/users/{user}/presence" => presence;
+    post "/topics/{topic}/publish" => publish_topic;
+    post "/feeds" => publish_feeds;
+    get "/openapi.json" => openapi::serve;
 }
 
 pub fn status_for(code: ErrorCode) -> StatusCode {
@@ -196,16 +206,24 @@ async fn wait(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> ApiRes
     wait_value(rx).await.map(|v| HttpResponse::Ok().json(v))
 }
 
-#[derive(Deserialize)]
+/// A new room. Without `room` the node picks an id; a direct room's id is
+/// derived from its two users.
+#[derive(Deserialize, ToSchema)]
 struct CreateRoom {
+    /// Not starting with `dm:` (reserved for direct rooms).
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     room: Option<String>,
+    #[schema(value_type = openapi::RoomKind)]
     kind: RoomKind,
     #[serde(default)]
     name: Option<String>,
     /// The room's owner (for direct rooms: one of the two users).
+    #[schema(value_type = openapi::Id)]
     created_by: String,
+    /// The other members (for a direct room: exactly one).
     #[serde(default)]
+    #[schema(value_type = Vec<openapi::Id>)]
     members: Vec<String>,
 }
 
@@ -283,8 +301,9 @@ async fn get_room(
     Ok(HttpResponse::Ok().json(json!({"room": room, "members": members})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddMember {
+    #[schema(value_type = openapi::Id)]
     user: String,
 }
 
@@ -335,17 +354,22 @@ async fn remove_member(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PostMessage {
     /// The author shown to clients (the server API may post as any user, or as nobody).
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     sender: Option<String>,
+    /// At most `limits.max_text_bytes` bytes (UTF-8).
     text: String,
     #[serde(default)]
     attachments: Option<Value>,
+    /// The offset of the message this one answers.
     #[serde(default)]
     reply_to: Option<u64>,
+    /// Idempotency key, per sender: the same one again stores nothing new.
     #[serde(default)]
+    #[schema(value_type = Option<openapi::ClientId>)]
     client_id: Option<String>,
 }
 
@@ -385,10 +409,14 @@ async fn post_message(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// Entries before this offset (newest first page when absent).
     before: Option<u64>,
+    /// Entries after this offset, oldest first (wins over `before`).
     after: Option<u64>,
+    /// Page size, clamped to 1..=`limits.max_page` (default 50).
     limit: Option<usize>,
 }
 
@@ -410,20 +438,28 @@ async fn room_history(
     Ok(HttpResponse::Ok().json(page))
 }
 
-#[derive(Deserialize)]
+/// A notification for `user`, `users` or both (1..=10,000 recipients in all).
+#[derive(Deserialize, ToSchema)]
 struct NotifyBody {
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     user: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<openapi::Id>, max_items = 10_000)]
     users: Vec<String>,
+    /// 1..=128 bytes.
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 128)]
     kind: String,
+    /// At most 1024 bytes.
+    #[schema(max_length = 1024)]
     title: String,
     #[serde(default)]
     body: Option<String>,
     #[serde(default)]
     data: Option<Value>,
     #[serde(default = "normal")]
+    #[schema(value_type = openapi::Priority)]
     priority: Priority,
     #[serde(default)]
     category: Option<String>,
@@ -497,9 +533,12 @@ async fn notify(
     Ok(HttpResponse::Ok().json(json!({"ids": ids})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Notifications older than this id.
     before: Option<u64>,
+    /// Page size, clamped to 1..=999 (default 50).
     limit: Option<usize>,
     #[serde(default)]
     unread_only: bool,
@@ -534,10 +573,13 @@ async fn presence(
     Ok(HttpResponse::Ok().json(p))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PublishBody {
+    /// Any JSON value (`null` included); it must be present.
     data: Value,
+    /// Idempotency key: the same one again stores nothing new.
     #[serde(default)]
+    #[schema(value_type = Option<openapi::ClientId>)]
     client_id: Option<String>,
 }
 
@@ -577,8 +619,9 @@ async fn publish_topic(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct FeedsBody {
+    #[schema(value_type = Vec<openapi::Id>, min_items = 1, max_items = 10_000)]
     users: Vec<String>,
     data: Value,
 }
