@@ -44,7 +44,7 @@ cleanup() {
 trap cleanup EXIT
 
 key="st-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
-CHORUS_AUTH_API_KEY="$key" CHORUS_LOG_LEVEL=warn \
+CHORUS_AUTH_API_KEY="$key" CHORUS_LOG_LEVEL=error \
     "$bin" start --listen 127.0.0.1:0 --data-dir "$work/data" --node-id schemathesis \
     >"$work/stdout" 2>"$work/node.log" &
 node_pid=$!
@@ -72,7 +72,7 @@ timeout $((max_time + 120)) "$venv/bin/st" run "http://$addr/api/v1/openapi.json
     --phases examples,coverage,fuzzing,stateful \
     --max-examples "$max_examples" \
     --max-time "$max_time" \
-    --workers 2 \
+    --workers 1 \
     --request-timeout 10 \
     --generation-database none \
     --no-color \

@@ -176,6 +176,29 @@ fn extractor_error(req: &HttpRequest, f: Fail) -> actix_web::Error {
     fail(f).into()
 }
 
+/// A request body: a JSON object read into `T`. serde's derive also reads a
+/// struct from an array, positionally (`[null, "k"]` as `{"data": null,
+/// "client_id": "k"}`); the API documents objects, so anything else is
+/// `invalid_args`.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     fail(Fail::new(ErrorCode::InvalidValue, msg))
 }
@@ -186,6 +209,28 @@ fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     } else {
         Err(bad(format!("invalid {what} id")))
     }
+}
+
+/// Most bytes a `client_id` may have (as on the WebSocket).
+const MAX_CLIENT_ID: usize = 128;
+
+fn check_client_id(client_id: &Option<String>) -> Result<(), ApiError> {
+    match client_id {
+        Some(c) if c.is_empty() || c.len() > MAX_CLIENT_ID => {
+            Err(bad(format!("client_id must be 1..={MAX_CLIENT_ID} bytes")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `users` without repeats, in the order first given: a user named twice
+/// is notified (or fed) once, not once per mention.
+fn distinct(users: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::with_capacity(users.len());
+    users
+        .into_iter()
+        .filter(|u| seen.insert(u.clone()))
+        .collect()
 }
 
 /// How long the API waits for an actor's reply, so a request never hangs forever.
@@ -230,10 +275,10 @@ struct CreateRoom {
 async fn create_room(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CreateRoom>,
+    body: web::Json<Object<CreateRoom>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     check_id("user", &b.created_by)?;
     for m in &b.members {
         check_id("member", m)?;
@@ -311,7 +356,7 @@ async fn add_member(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<AddMember>,
+    body: web::Json<Object<AddMember>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
@@ -319,7 +364,7 @@ async fn add_member(
     let (replier, rx) = Replier::waiter();
     let msg = room::Invite {
         by: None,
-        user: body.into_inner().user,
+        user: body.into_inner().0.user,
         replier,
     };
     state
@@ -338,6 +383,7 @@ async fn remove_member(
     check_key(&req, &state)?;
     let (id, user) = path.into_inner();
     check_id("room", &id)?;
+    check_id("user", &user)?;
     let (replier, rx) = Replier::waiter();
     state
         .services
@@ -377,18 +423,19 @@ async fn post_message(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<PostMessage>,
+    body: web::Json<Object<PostMessage>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     if let Some(s) = &b.sender {
         check_id("sender", s)?;
     }
     if b.text.len() > state.services.config.max_text_bytes {
         return Err(bad("text too long"));
     }
+    check_client_id(&b.client_id)?;
     let (replier, rx) = Replier::waiter();
     let msg = room::Publish {
         sender: b.sender,
@@ -477,10 +524,10 @@ fn normal() -> Priority {
 async fn notify(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<NotifyBody>,
+    body: web::Json<Object<NotifyBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     let mut users = b.users;
     users.extend(b.user);
     if users.is_empty() || users.len() > MAX_RECIPIENTS {
@@ -491,6 +538,7 @@ async fn notify(
     for u in &users {
         check_id("user", u)?;
     }
+    let users = distinct(users);
     if b.title.len() > 1024 || b.kind.is_empty() || b.kind.len() > 128 {
         return Err(bad("`type` must be 1..=128 bytes and `title` at most 1024"));
     }
@@ -601,12 +649,13 @@ async fn publish_topic(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<PublishBody>,
+    body: web::Json<Object<PublishBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let topic = path.into_inner();
     check_id("topic", &topic)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
+    check_client_id(&b.client_id)?;
     let (replier, rx) = Replier::waiter();
     state
         .services
@@ -629,18 +678,19 @@ struct FeedsBody {
 async fn publish_feeds(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<FeedsBody>,
+    body: web::Json<Object<FeedsBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     if b.users.is_empty() || b.users.len() > MAX_RECIPIENTS {
         return Err(bad(format!("`users` must name 1..={MAX_RECIPIENTS} users")));
     }
     for u in &b.users {
         check_id("user", u)?;
     }
-    let mut waits = Vec::with_capacity(b.users.len());
-    for u in &b.users {
+    let users = distinct(b.users);
+    let mut waits = Vec::with_capacity(users.len());
+    for u in &users {
         let (replier, rx) = Replier::waiter();
         state
             .services
@@ -674,12 +724,12 @@ pub fn decode_inputs(input: &[u8]) -> Vec<&'static str> {
     }
     let q = std::str::from_utf8(input).ok();
     [
-        ("CreateRoom", body::<CreateRoom>(input)),
-        ("AddMember", body::<AddMember>(input)),
-        ("PostMessage", body::<PostMessage>(input)),
-        ("NotifyBody", body::<NotifyBody>(input)),
-        ("PublishBody", body::<PublishBody>(input)),
-        ("FeedsBody", body::<FeedsBody>(input)),
+        ("CreateRoom", body::<Object<CreateRoom>>(input)),
+        ("AddMember", body::<Object<AddMember>>(input)),
+        ("PostMessage", body::<Object<PostMessage>>(input)),
+        ("NotifyBody", body::<Object<NotifyBody>>(input)),
+        ("PublishBody", body::<Object<PublishBody>>(input)),
+        ("FeedsBody", body::<Object<FeedsBody>>(input)),
         ("HistoryQuery", query::<HistoryQuery>(q)),
         ("ListQuery", query::<ListQuery>(q)),
     ]

@@ -55,6 +55,7 @@ pub const API_ERRORS: &[ErrorCode] = {
         RoomNotFound,
         NotMember,
         RoomExists,
+        MessageNotFound,
         WrongRoomKind,
         Internal,
         StoreUnavailable,
@@ -245,7 +246,8 @@ struct HistoryPage {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 struct NotificationIds {
-    /// One per recipient, in the order given.
+    /// One per distinct recipient (a user named twice is notified once),
+    /// in the order first given.
     ids: Vec<u64>,
 }
 
@@ -288,7 +290,7 @@ struct Presence {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 struct FeedsPublished {
-    /// One per feed, in the order given.
+    /// One per distinct user's feed, in the order first given.
     published: Vec<Published>,
 }
 
@@ -483,5 +485,140 @@ fn add_errors(op: &mut Operation, statuses: &BTreeMap<u16, Vec<ErrorCode>>) {
             status.to_string(),
             RefOr::Ref(Ref::from_response_name(format!("Error{status}"))),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chorus_protocol::ops::{HistoryPage, NotifPage, Published};
+    use chorus_protocol::*;
+    use serde_json::{json, Value};
+
+    /// Every optional field set, so the value shows all the keys its type has.
+    fn samples() -> Vec<(&'static str, Value)> {
+        let room = RoomInfo {
+            id: "team".into(),
+            kind: RoomKind::Group,
+            name: Some("Team".into()),
+            created_by: "ann".into(),
+            created_at: 1,
+        };
+        let member = Member {
+            user: "ann".into(),
+            role: Role::Owner,
+            joined_at: 1,
+        };
+        let head = ChannelHead {
+            epoch: "e".into(),
+            offset: 2,
+            msg_seq: 1,
+        };
+        let mut entry = Entry::new(2, EntryKind::Message, 1, 1);
+        entry.sender = Some("ann".into());
+        entry.client_id = Some("c".into());
+        entry.text = Some("hi".into());
+        entry.attachments = Some(json!({}));
+        entry.reply_to = Some(1);
+        entry.target = Some(1);
+        entry.data = Some(json!(1));
+        entry.edited_at = Some(1);
+        entry.deleted = true;
+        let notification = Notification {
+            id: 1,
+            user: "ann".into(),
+            kind: "like".into(),
+            title: "t".into(),
+            body: Some("b".into()),
+            data: Some(json!(1)),
+            priority: Priority::High,
+            category: Some("c".into()),
+            room: Some("team".into()),
+            created_at: 1,
+            expires_at: Some(2),
+            read: false,
+        };
+        let published = Published {
+            channel: "room:team".into(),
+            epoch: "e".into(),
+            offset: 2,
+            duplicate: false,
+        };
+        let presence = Presence {
+            user: "ann".into(),
+            status: Status::Online,
+            last_seen: Some(1),
+            activity: Some("typing".into()),
+            devices: 1,
+        };
+        vec![
+            ("RoomInfo", v(&room)),
+            ("Member", v(&member)),
+            ("ChannelHead", v(&head)),
+            ("Entry", v(&entry)),
+            ("Notification", v(&notification)),
+            ("Published", v(&published)),
+            ("Presence", v(&presence)),
+            (
+                "HistoryPage",
+                v(&HistoryPage {
+                    channel: "room:team".into(),
+                    head,
+                    entries: vec![],
+                    more: false,
+                }),
+            ),
+            (
+                "NotifPage",
+                v(&NotifPage {
+                    items: vec![],
+                    unread: 0,
+                    more: false,
+                }),
+            ),
+        ]
+    }
+
+    fn v<T: serde::Serialize>(x: &T) -> Value {
+        serde_json::to_value(x).expect("serializes")
+    }
+
+    /// The mirrored response schemas have exactly the fields the real types
+    /// serialize, and require those that are always there.
+    #[test]
+    fn response_schemas_mirror_the_protocol_types() {
+        let doc = serde_json::to_value(super::document()).unwrap();
+        for (name, value) in samples() {
+            let schema = &doc["components"]["schemas"][name];
+            let mut props: Vec<&String> = schema["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{name} is documented"))
+                .keys()
+                .collect();
+            let mut keys: Vec<&String> = value.as_object().unwrap().keys().collect();
+            props.sort();
+            keys.sort();
+            assert_eq!(props, keys, "{name}");
+            for required in schema["required"].as_array().unwrap() {
+                assert!(
+                    value.get(required.as_str().unwrap()).is_some(),
+                    "{name}.{required}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_id_pattern_is_valid_id() {
+        let doc = serde_json::to_value(super::document()).unwrap();
+        let pattern = doc["components"]["schemas"]["Id"]["pattern"]
+            .as_str()
+            .unwrap();
+        assert_eq!(pattern, "^[A-Za-z0-9_.:@-]{1,128}$");
+        for ok in ["a", "team-1", "a.b:c@d_e", &"x".repeat(128)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in ["", "a b", "é", "a/b", &"x".repeat(129)] {
+            assert!(!valid_id(bad), "{bad}");
+        }
     }
 }
