@@ -20,7 +20,7 @@ use actix_web::HttpResponse;
 use chorus_protocol::ErrorCode;
 use serde_json::Value;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ArrayBuilder, ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -461,6 +461,35 @@ impl Modify for Errors {
             )))
             .into(),
         );
+        // `user` and `users` are both optional, but one of them must name someone.
+        if let Some(RefOr::T(notify)) = components.schemas.remove("NotifyBody") {
+            let one_of_them = AnyOfBuilder::new()
+                .item(
+                    ObjectBuilder::new()
+                        .property("user", ObjectBuilder::new().schema_type(Type::String))
+                        .required("user"),
+                )
+                .item(
+                    ObjectBuilder::new()
+                        .property(
+                            "users",
+                            ArrayBuilder::new()
+                                .items(ObjectBuilder::new().schema_type(Type::String))
+                                .min_items(Some(1)),
+                        )
+                        .required("users"),
+                );
+            let schema = AllOfBuilder::new()
+                .item(notify)
+                .item(one_of_them)
+                .description(Some(
+                    "A notification for `user`, `users` or both (1..=10,000 recipients in all).",
+                ))
+                .build();
+            components
+                .schemas
+                .insert("NotifyBody".into(), RefOr::T(schema.into()));
+        }
         for (path, item) in doc.paths.paths.iter_mut() {
             if path == "/api/v1/openapi.json" {
                 continue;
