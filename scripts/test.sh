@@ -27,3 +27,4 @@ export CHORUS_REQUIRE_CQL=1
 
 echo "== tests"
 cargo test --workspace
+bash sdk/js/test.sh

@@ -25,14 +25,11 @@ use kameo::Actor;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::hub::{ConnId, ConnSink, PushError, Register, Unregister};
+use crate::hub::{ConnAddr, ConnId, ConnSink, PushError, Register, Unregister};
 use crate::room::{self, new_epoch};
 use crate::services::{Replier, Services};
 use crate::user;
 use crate::{Claims, Fail};
-
-/// Longest client-supplied message id.
-const MAX_CLIENT_ID: usize = 128;
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 struct RateLimiter {
@@ -81,6 +78,8 @@ pub struct ConnArgs {
 pub struct ConnActor {
     svc: Arc<Services>,
     id: ConnId,
+    /// `id` with this node: how rooms and users address this connection.
+    addr: ConnAddr,
     claims: Claims,
     sink: ConnSink,
     limiter: RateLimiter,
@@ -111,7 +110,11 @@ impl Actor for ConnActor {
             })
             .await
             .map_err(|_| Fail::new(ErrorCode::ShuttingDown, "node is shutting down"))?;
-        svc.tell_user(&claims.user, user::Connected { conn: id })
+        let addr = ConnAddr {
+            node: svc.cluster.me().clone(),
+            conn: id,
+        };
+        svc.tell_user(&claims.user, user::Connected { conn: addr.clone() })
             .await?;
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();
@@ -120,6 +123,7 @@ impl Actor for ConnActor {
         Ok(ConnActor {
             svc,
             id,
+            addr,
             claims,
             sink,
             limiter,
@@ -134,18 +138,25 @@ impl Actor for ConnActor {
         self.svc.metrics.connections.dec();
         let _ = self.svc.hub.tell(Unregister { conn: self.id }).await;
         for channel in std::mem::take(&mut self.subscriptions) {
-            if let Some(room) = self.svc.room_if_active(&channel) {
-                let _ = room.tell(room::Unsubscribe { conn: self.id }).await;
-            }
+            let unsubscribe = room::Unsubscribe {
+                conn: self.addr.clone(),
+            };
+            let _ = self.svc.tell_room_if_active(&channel, unsubscribe).await;
         }
         for u in std::mem::take(&mut self.watching) {
-            if let Some(actor) = self.svc.user_if_active(&u) {
-                let _ = actor.tell(user::Unwatch { conn: self.id }).await;
-            }
+            let unwatch = user::Unwatch {
+                conn: self.addr.clone(),
+            };
+            let _ = self.svc.tell_user_if_active(&u, unwatch).await;
         }
         let _ = self
             .svc
-            .tell_user(&self.claims.user, user::Disconnected { conn: self.id })
+            .tell_user(
+                &self.claims.user,
+                user::Disconnected {
+                    conn: self.addr.clone(),
+                },
+            )
             .await;
         Ok(())
     }
@@ -202,7 +213,10 @@ impl ConnActor {
     }
 
     fn conn_replier(&self, id: u64) -> Replier {
-        Replier::Conn { conn: self.id, id }
+        Replier::Conn {
+            conn: self.addr.clone(),
+            id,
+        }
     }
 
     fn user(&self) -> String {
@@ -251,7 +265,12 @@ impl ConnActor {
             self.last_activity_report = Instant::now();
             let _ = self
                 .svc
-                .tell_user(&self.claims.user, user::Activity { conn: self.id })
+                .tell_user(
+                    &self.claims.user,
+                    user::Activity {
+                        conn: self.addr.clone(),
+                    },
+                )
                 .await;
         }
     }
@@ -335,7 +354,7 @@ impl ConnActor {
                     self.subscriptions.insert(key.clone());
                     let msg = room::Join {
                         user: me,
-                        conn: Some(self.id),
+                        conn: Some(self.addr.clone()),
                         replier: self.conn_replier(id),
                         req_id: id,
                     };
@@ -349,7 +368,7 @@ impl ConnActor {
                     // refused one (a direct room) must leave the subscription alone.
                     let msg = room::Leave {
                         user: me,
-                        conn: Some(self.id),
+                        conn: Some(self.addr.clone()),
                         replier: self.conn_replier(id),
                     };
                     svc.tell_room(&key, msg).await.map(|_| Value::Null)
@@ -396,15 +415,6 @@ impl ConnActor {
                     return Some(Err(Fail::new(
                         ErrorCode::InvalidValue,
                         format!("text longer than {} bytes", svc.config.max_text_bytes),
-                    )));
-                }
-                if a.client_id
-                    .as_ref()
-                    .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID)
-                {
-                    return Some(Err(Fail::new(
-                        ErrorCode::InvalidValue,
-                        "client_id must be 1..=128 bytes",
                     )));
                 }
                 match self.check_room(&a.room) {
@@ -480,7 +490,7 @@ impl ConnActor {
                     let from = a.offset.map(|o| (o, a.epoch));
                     let msg = room::Subscribe {
                         user: me,
-                        conn: self.id,
+                        conn: self.addr.clone(),
                         from,
                         req_id: id,
                     };
@@ -492,9 +502,10 @@ impl ConnActor {
                 Some(ch) => {
                     let key = ch.key();
                     if self.subscriptions.remove(&key) {
-                        if let Some(room) = svc.room_if_active(&key) {
-                            let _ = room.tell(room::Unsubscribe { conn: self.id }).await;
-                        }
+                        let unsubscribe = room::Unsubscribe {
+                            conn: self.addr.clone(),
+                        };
+                        let _ = svc.tell_room_if_active(&key, unsubscribe).await;
                         Ok(json!({"channel": key}))
                     } else {
                         Err(Fail::new(
@@ -569,7 +580,7 @@ impl ConnActor {
                 .ask_user(
                     &me,
                     user::SetPresence {
-                        conn: self.id,
+                        conn: self.addr.clone(),
                         status: a.status,
                         activity: a.activity,
                     },
@@ -596,9 +607,10 @@ impl ConnActor {
                 }
                 for u in users {
                     if self.watching.remove(&u) {
-                        if let Some(actor) = svc.user_if_active(&u) {
-                            let _ = actor.tell(user::Unwatch { conn: self.id }).await;
-                        }
+                        let unwatch = user::Unwatch {
+                            conn: self.addr.clone(),
+                        };
+                        let _ = svc.tell_user_if_active(&u, unwatch).await;
                     }
                 }
                 Ok(json!({"watching": self.watching.len()}))
@@ -693,7 +705,15 @@ impl ConnActor {
         }
         let mut out = Vec::with_capacity(users.len());
         for u in &users {
-            let p = self.svc.ask_user(u, user::Watch { conn: self.id }).await?;
+            let p = self
+                .svc
+                .ask_user(
+                    u,
+                    user::Watch {
+                        conn: self.addr.clone(),
+                    },
+                )
+                .await?;
             self.watching.insert(u.clone());
             out.push(p);
         }

@@ -4,7 +4,7 @@ use chorus_protocol::ErrorCode;
 use chorus_storage::{ErrorKind, StorageError};
 
 /// A request failure as the client sees it. Never carries server internals.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[error("{code:?}: {message}")]
 pub struct Fail {
     pub code: ErrorCode,

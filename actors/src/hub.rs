@@ -17,13 +17,23 @@ use chorus_protocol::{close, SharedFrame};
 use kameo::message::{Context, Message};
 use kameo::Actor;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::placement::NodeId;
 use crate::Metrics;
 
 /// A connection's id, unique within its node.
 pub type ConnId = u64;
+
+/// A connection anywhere in the cluster: its node and its id there. Rooms
+/// and users keep these, never a bare [`ConnId`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ConnAddr {
+    pub node: NodeId,
+    pub conn: ConnId,
+}
 
 /// The sending half of a connection's outbound queue, and its close signal.
 #[derive(Clone, Debug)]

@@ -27,11 +27,14 @@
 //!   key, never by a kept `ActorRef`. Today the cluster has one member.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod error;
 pub mod hub;
 pub mod metrics;
+pub mod placement;
+pub mod remote;
 pub mod room;
 pub mod services;
 pub mod user;
@@ -39,6 +42,6 @@ pub mod user;
 pub use auth::{Claims, TokenVerifier};
 pub use config::ActorConfig;
 pub use error::Fail;
-pub use hub::{ConnId, ConnSink};
+pub use hub::{ConnAddr, ConnId, ConnSink};
 pub use metrics::Metrics;
 pub use services::{Replier, Services};

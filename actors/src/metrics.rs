@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::cluster::ClusterMetrics;
+
 type Labels = Vec<(&'static str, &'static str)>;
 
 /// Every metric the node exports. Cheap to update from any thread.
@@ -27,6 +29,8 @@ pub struct Metrics {
     pub store_append_seconds: Histogram,
     pub append_batch_size: Histogram,
     errors: Family<Labels, Counter>,
+    /// `chorus_cluster_*`.
+    pub cluster: ClusterMetrics,
 }
 
 impl Default for Metrics {
@@ -53,8 +57,10 @@ impl Metrics {
             store_append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             append_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             errors: Family::default(),
+            cluster: ClusterMetrics::default(),
             registry: Registry::default(),
         };
+        m.cluster.register(&mut registry);
         registry.register(
             "connections",
             "Open WebSocket connections",

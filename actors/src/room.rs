@@ -28,7 +28,8 @@ use kameo::message::{Context, Message};
 use kameo::Actor;
 use serde_json::{json, Value};
 
-use crate::hub::{ConnId, Deliver, Subscribe as HubSubscribe, Unsubscribe as HubUnsubscribe};
+use crate::hub::ConnAddr;
+use crate::placement::NodeId;
 use crate::services::{Replier, Services};
 use crate::user::{Notify, NotifySpec};
 use crate::Fail;
@@ -80,7 +81,10 @@ pub struct RoomActor {
     client_id_order: VecDeque<String>,
     /// Client ids in the batch being written, with retries waiting on it.
     inflight_ids: HashMap<String, Vec<Replier>>,
-    subscribers: HashMap<ConnId, String>,
+    /// Subscribed connections (anywhere in the cluster) and their users.
+    subscribers: HashMap<ConnAddr, String>,
+    /// How many of them each node has: a message leaves once per node.
+    node_subs: HashMap<NodeId, usize>,
     markers: HashMap<String, u64>,
     typing: HashMap<String, Instant>,
     typing_timer: bool,
@@ -132,6 +136,7 @@ impl Actor for RoomActor {
             client_id_order: VecDeque::new(),
             inflight_ids: HashMap::new(),
             subscribers: HashMap::new(),
+            node_subs: HashMap::new(),
             markers: HashMap::new(),
             typing: HashMap::new(),
             typing_timer: false,
@@ -248,6 +253,9 @@ impl RoomActor {
 }
 
 // ---------- the write pipeline ----------
+
+/// Longest client-supplied message id.
+const MAX_CLIENT_ID: usize = 128;
 
 /// The dedupe key of an entry's client id: [`client_key`] of its sender and id.
 fn entry_client_key(e: &Entry) -> Option<String> {
@@ -508,13 +516,9 @@ impl RoomActor {
             ephemeral: false,
             data: to_value(entry),
         }));
-        let deliver = Deliver {
-            channel: self.key.clone(),
-            frame: Arc::new(frame),
-        };
-        if self.svc.hub.tell(deliver).await.is_err() {
-            tracing::debug!(channel = %self.key, "hub gone");
-        }
+        self.svc
+            .deliver(&self.key, self.node_subs.keys(), Arc::new(frame))
+            .await;
     }
 
     async fn push_ephemeral(&self, event: &str, data: Value) {
@@ -526,13 +530,8 @@ impl RoomActor {
             Some(self.key.clone()),
             data,
         )));
-        let _ = self
-            .svc
-            .hub
-            .tell(Deliver {
-                channel: self.key.clone(),
-                frame: Arc::new(frame),
-            })
+        self.svc
+            .deliver(&self.key, self.node_subs.keys(), Arc::new(frame))
             .await;
     }
 
@@ -631,23 +630,37 @@ impl RoomActor {
         });
     }
 
+    fn add_subscriber(&mut self, conn: ConnAddr, user: String) {
+        let node = conn.node.clone();
+        if self.subscribers.insert(conn, user).is_none() {
+            *self.node_subs.entry(node).or_insert(0) += 1;
+        }
+    }
+
+    /// Whether `conn` was subscribed.
+    fn remove_subscriber(&mut self, conn: &ConnAddr) -> bool {
+        if self.subscribers.remove(conn).is_none() {
+            return false;
+        }
+        if let Some(n) = self.node_subs.get_mut(&conn.node) {
+            *n -= 1;
+            if *n == 0 {
+                self.node_subs.remove(&conn.node);
+            }
+        }
+        true
+    }
+
     async fn drop_user_subscriptions(&mut self, user: &str) {
-        let conns: Vec<ConnId> = self
+        let conns: Vec<ConnAddr> = self
             .subscribers
             .iter()
             .filter(|(_, u)| *u == user)
-            .map(|(c, _)| *c)
+            .map(|(c, _)| c.clone())
             .collect();
         for conn in conns {
-            self.subscribers.remove(&conn);
-            let _ = self
-                .svc
-                .hub
-                .tell(HubUnsubscribe {
-                    channel: self.key.clone(),
-                    conn,
-                })
-                .await;
+            self.remove_subscriber(&conn);
+            self.svc.hub_unsubscribe(&self.key, &conn).await;
         }
     }
 
@@ -679,7 +692,7 @@ impl RoomActor {
     async fn subscribe_conn(
         &mut self,
         user: String,
-        conn: ConnId,
+        conn: ConnAddr,
         from: Option<(u64, Option<String>)>,
         id: u64,
     ) -> Result<(), Fail> {
@@ -731,18 +744,14 @@ impl RoomActor {
         }
         // Reply first, then register: both go through the hub's one mailbox,
         // so the catch-up precedes every live entry after `head`.
-        Replier::Conn { conn, id }
-            .send(&self.svc, Ok(to_value(&res)))
-            .await;
-        self.subscribers.insert(conn, user);
-        let _ = self
-            .svc
-            .hub
-            .tell(HubSubscribe {
-                channel: self.key.clone(),
-                conn,
-            })
-            .await;
+        Replier::Conn {
+            conn: conn.clone(),
+            id,
+        }
+        .send(&self.svc, Ok(to_value(&res)))
+        .await;
+        self.add_subscriber(conn.clone(), user);
+        self.svc.hub_subscribe(&self.key, &conn).await;
         Ok(())
     }
 }
@@ -754,6 +763,7 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
 // ---------- messages ----------
 
 /// Create a group/public room, or the direct room of two users (idempotent for direct).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Create {
     pub info: RoomInfo,
     pub members: Vec<String>,
@@ -761,21 +771,24 @@ pub struct Create {
 }
 
 /// Join (public rooms; for others, the caller must be a member already) and subscribe `conn`.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Join {
     pub user: String,
-    pub conn: Option<ConnId>,
+    pub conn: Option<ConnAddr>,
     pub replier: Replier,
     pub req_id: u64,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Leave {
     pub user: String,
     /// The connection that asked: it stops receiving the room if the leave succeeds.
-    pub conn: Option<ConnId>,
+    pub conn: Option<ConnAddr>,
     pub replier: Replier,
 }
 
 /// `by` adds `user` (group and public rooms); `by: None` is the server API.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Invite {
     pub by: Option<String>,
     pub user: String,
@@ -783,17 +796,20 @@ pub struct Invite {
 }
 
 /// `by` (an owner, or the server API when `None`) removes `user`.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Kick {
     pub by: Option<String>,
     pub user: String,
     pub replier: Replier,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Members {
     pub user: Option<String>,
 }
 
 /// Append a chat message (`kind: Message`) or a publication (`kind: Publish`).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Publish {
     /// The author; `None` for the server API publishing on its own behalf.
     pub sender: Option<String>,
@@ -808,6 +824,7 @@ pub struct Publish {
     pub replier: Replier,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Edit {
     pub user: String,
     pub offset: u64,
@@ -817,25 +834,30 @@ pub struct Edit {
 }
 
 /// Check read access; returns the committed head (history is then read by the caller).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Authorize {
     pub user: Option<String>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Subscribe {
     pub user: String,
-    pub conn: ConnId,
+    pub conn: ConnAddr,
     pub from: Option<(u64, Option<String>)>,
     pub req_id: u64,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Unsubscribe {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Typing {
     pub user: String,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Read {
     pub user: String,
     pub offset: u64,
@@ -843,6 +865,7 @@ pub struct Read {
 }
 
 /// This user's view of the room: head, read marker, unread count.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub user: String,
 }
@@ -972,15 +995,8 @@ impl Message<Leave> for RoomActor {
         if let (true, Some(conn)) = (removed, m.conn) {
             // The user's other connections to a non-public room follow once the
             // `left` entry is delivered (`After::Removed`).
-            if self.subscribers.remove(&conn).is_some() {
-                let _ = self
-                    .svc
-                    .hub
-                    .tell(HubUnsubscribe {
-                        channel: self.key.clone(),
-                        conn,
-                    })
-                    .await;
+            if self.remove_subscriber(&conn) {
+                self.svc.hub_unsubscribe(&self.key, &conn).await;
             }
         }
     }
@@ -1129,6 +1145,15 @@ impl RoomActor {
             client_id,
             replier,
         } = m;
+        // One rule for every path (socket sends, topic publishes, the server API).
+        if client_id
+            .as_ref()
+            .is_some_and(|c| c.is_empty() || c.len() > MAX_CLIENT_ID)
+        {
+            let f = Fail::new(ErrorCode::InvalidValue, "client_id must be 1..=128 bytes");
+            replier.send(&self.svc, Err(f)).await;
+            return Err(());
+        }
         let check = if as_client {
             self.check_post(sender.as_deref())
         } else {
@@ -1291,7 +1316,10 @@ impl Message<Subscribe> for RoomActor {
     async fn handle(&mut self, m: Subscribe, _: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
         let r = match self.check_read(Some(&m.user)) {
-            Ok(()) => self.subscribe_conn(m.user, m.conn, m.from, m.req_id).await,
+            Ok(()) => {
+                self.subscribe_conn(m.user, m.conn.clone(), m.from, m.req_id)
+                    .await
+            }
             Err(f) => Err(f),
         };
         if let Err(f) = r {
@@ -1308,15 +1336,8 @@ impl Message<Subscribe> for RoomActor {
 impl Message<Unsubscribe> for RoomActor {
     type Reply = ();
     async fn handle(&mut self, m: Unsubscribe, _: &mut Context<Self, ()>) {
-        if self.subscribers.remove(&m.conn).is_some() {
-            let _ = self
-                .svc
-                .hub
-                .tell(HubUnsubscribe {
-                    channel: self.key.clone(),
-                    conn: m.conn,
-                })
-                .await;
+        if self.remove_subscriber(&m.conn) {
+            self.svc.hub_unsubscribe(&self.key, &m.conn).await;
         }
     }
 }

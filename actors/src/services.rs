@@ -9,8 +9,10 @@
 //! a fresh activation. Nothing outside this module keeps an `ActorRef` to a
 //! room or user across calls.
 //!
-//! Today the cluster has one member, so every key is owned here; the cluster
-//! issue puts a rendezvous-hash owner lookup in front of the same calls.
+//! Placement sits in front of every call: a key owned by this node (in its
+//! view, see [`crate::placement`]) is a local kameo tell or ask; a key owned
+//! elsewhere goes to the owner over the peer link ([`crate::remote`]), and
+//! its reply comes back the same way.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,10 +28,15 @@ use kameo::mailbox;
 use kameo::message::Message;
 use kameo::Actor;
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::hub::{ConnId, Hub, SendTo};
+use crate::cluster::Cluster;
+use crate::hub::{ConnAddr, ConnId, Hub};
+use crate::placement::{user_key, NodeId};
+use crate::remote::{PeerMsg, Wire};
 use crate::room::RoomActor;
 use crate::user::UserActor;
 use crate::{ActorConfig, Fail, Metrics, TokenVerifier};
@@ -37,7 +44,8 @@ use crate::{ActorConfig, Fail, Metrics, TokenVerifier};
 /// How often a message is retried against a fresh activation.
 const ACTIVATION_RETRIES: usize = 5;
 
-struct Registry<A: Actor> {
+#[doc(hidden)]
+pub struct Registry<A: Actor> {
     map: Mutex<HashMap<String, ActorRef<A>>>,
 }
 
@@ -75,20 +83,39 @@ impl<A: Actor> Registry<A> {
         }
     }
 
+    /// Removes and returns the activations whose key fails `keep`.
+    fn take_unless(&self, keep: impl Fn(&str) -> bool) -> Vec<ActorRef<A>> {
+        let mut map = self.map.lock();
+        let gone: Vec<String> = map.keys().filter(|k| !keep(k)).cloned().collect();
+        gone.iter().filter_map(|k| map.remove(k)).collect()
+    }
+
+    fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
     fn drain(&self) -> Vec<ActorRef<A>> {
         self.map.lock().drain().map(|(_, r)| r).collect()
     }
 }
 
-/// Where a room sends a request's reply: a connection (through the hub, so it
-/// is ordered with that room's pushes), or a caller waiting in-process (the
-/// server API).
+/// Where a room sends a request's reply: a connection (through its node's
+/// hub, so it is ordered with that room's pushes), a caller waiting
+/// in-process (the server API), or such a caller on another node.
+#[derive(Serialize, Deserialize)]
 pub enum Replier {
     Conn {
-        conn: ConnId,
+        conn: ConnAddr,
         id: u64,
     },
+    /// Never crosses nodes: [`Services::make_remote`] turns it into `Remote`.
+    #[serde(skip)]
     Waiter(oneshot::Sender<Result<Value, Fail>>),
+    /// A waiter on `node`, found there by `corr`.
+    Remote {
+        node: NodeId,
+        corr: u64,
+    },
     /// Nobody waits (internal publishes).
     None,
 }
@@ -110,11 +137,15 @@ impl Replier {
                         Reply::err(id, f.code, f.message)
                     }
                 };
-                svc.send_to(conn, Arc::new(SharedFrame::new(ServerFrame::Reply(reply))))
+                svc.send_to(&conn, Arc::new(SharedFrame::new(ServerFrame::Reply(reply))))
                     .await;
             }
             Replier::Waiter(tx) => {
                 let _ = tx.send(result);
+            }
+            Replier::Remote { node, corr } => {
+                svc.send_peer(&node, &PeerMsg::Answer { corr, result })
+                    .await;
             }
             Replier::None => {
                 if let Err(f) = result {
@@ -133,10 +164,14 @@ pub struct Services {
     pub verifier: Arc<dyn TokenVerifier>,
     pub hub: ActorRef<Hub>,
     runtime: tokio::runtime::Handle,
+    pub cluster: Arc<Cluster>,
     rooms: Registry<RoomActor>,
     users: Registry<UserActor>,
     next_conn: AtomicU64,
     stopping: AtomicBool,
+    /// Callers waiting on another node's answer, by correlation id.
+    pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, Fail>>>>,
+    pub(crate) next_corr: AtomicU64,
 }
 
 impl Services {
@@ -147,6 +182,7 @@ impl Services {
         metrics: Arc<Metrics>,
         verifier: Arc<dyn TokenVerifier>,
         runtime: tokio::runtime::Handle,
+        cluster: Arc<Cluster>,
     ) -> Arc<Services> {
         let hub = {
             let _guard = runtime.enter();
@@ -162,10 +198,13 @@ impl Services {
             verifier,
             hub,
             runtime,
+            cluster,
             rooms: Registry::new(),
             users: Registry::new(),
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            next_corr: AtomicU64::new(1),
         })
     }
 
@@ -187,13 +226,6 @@ impl Services {
         self.stopping.load(Ordering::Relaxed)
     }
 
-    /// Queues a frame for one connection, ordered with the hub's pushes.
-    pub async fn send_to(&self, conn: ConnId, frame: Arc<SharedFrame>) {
-        if self.hub.tell(SendTo { conn, frame }).await.is_err() {
-            tracing::debug!(conn, "hub gone; frame dropped at shutdown");
-        }
-    }
-
     /// The running room actor for `key` (`room:42`, `topic:x`, `feed:u`), activated if needed.
     pub fn room(self: &Arc<Self>, key: &str) -> ActorRef<RoomActor> {
         self.rooms.get_or_spawn(key, || {
@@ -205,7 +237,7 @@ impl Services {
         })
     }
 
-    /// The room actor for `key` if it is running (never activates one).
+    /// The room actor for `key` if it is running here (never activates one).
     pub fn room_if_active(&self, key: &str) -> Option<ActorRef<RoomActor>> {
         self.rooms.get(key)
     }
@@ -237,21 +269,21 @@ impl Services {
         }
     }
 
-    /// Sends `msg` to the room, retrying on a fresh activation if the actor was stopping.
+    /// Sends `msg` to the room's owner, retrying on a fresh activation if the actor was stopping.
     pub async fn tell_room<M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
     where
         RoomActor: Message<M, Reply = ()>,
-        M: Send + 'static,
+        M: Wire,
     {
         self.tell_placed::<RoomActor, M>(key, msg).await
     }
 
-    /// Asks the room, retrying on a fresh activation if the actor was stopping.
+    /// Asks the room's owner, retrying on a fresh activation if the actor was stopping.
     pub async fn ask_room<M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
     where
         RoomActor: Message<M, Reply = Result<T, Fail>>,
-        M: Send + 'static,
-        T: Send + 'static,
+        M: Wire,
+        T: Serialize + DeserializeOwned + Send + 'static,
     {
         self.ask_placed::<RoomActor, M, T>(key, msg).await
     }
@@ -259,7 +291,7 @@ impl Services {
     pub async fn tell_user<M>(self: &Arc<Self>, user: &str, msg: M) -> Result<(), Fail>
     where
         UserActor: Message<M, Reply = ()>,
-        M: Send + 'static,
+        M: Wire,
     {
         self.tell_placed::<UserActor, M>(user, msg).await
     }
@@ -267,13 +299,149 @@ impl Services {
     pub async fn ask_user<M, T>(self: &Arc<Self>, user: &str, msg: M) -> Result<T, Fail>
     where
         UserActor: Message<M, Reply = Result<T, Fail>>,
-        M: Send + 'static,
-        T: Send + 'static,
+        M: Wire,
+        T: Serialize + DeserializeOwned + Send + 'static,
     {
         self.ask_placed::<UserActor, M, T>(user, msg).await
     }
 
+    /// Tells the room only if it is running at its owner (never activates it).
+    pub async fn tell_room_if_active<M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
+    where
+        RoomActor: Message<M, Reply = ()>,
+        M: Wire,
+    {
+        let owner = self.cluster.owner(key);
+        if self.cluster.is_me(&owner) {
+            self.tell_room_if_active_here(key, msg).await
+        } else {
+            self.tell_remote(&owner, key, msg, true).await
+        }
+    }
+
+    pub async fn tell_user_if_active<M>(self: &Arc<Self>, user: &str, msg: M) -> Result<(), Fail>
+    where
+        UserActor: Message<M, Reply = ()>,
+        M: Wire,
+    {
+        let owner = self.cluster.owner(&user_key(user));
+        if self.cluster.is_me(&owner) {
+            self.tell_user_if_active_here(user, msg).await
+        } else {
+            self.tell_remote(&owner, user, msg, true).await
+        }
+    }
+
+    /// Asks the user actor only if it is running at its owner: `None` if not.
+    pub async fn ask_user_if_active<M, T>(
+        self: &Arc<Self>,
+        user: &str,
+        msg: M,
+    ) -> Result<Option<T>, Fail>
+    where
+        UserActor: Message<M, Reply = Result<T, Fail>>,
+        M: Wire,
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let owner = self.cluster.owner(&user_key(user));
+        if self.cluster.is_me(&owner) {
+            self.ask_user_if_active_here(user, msg).await
+        } else {
+            self.ask_remote(&owner, user, msg, true).await
+        }
+    }
+
+    pub(crate) async fn tell_room_if_active_here<M>(&self, key: &str, msg: M) -> Result<(), Fail>
+    where
+        RoomActor: Message<M, Reply = ()>,
+        M: Send + 'static,
+    {
+        match self.rooms.get(key) {
+            Some(r) => r.tell(msg).await.map_err(send_failed),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) async fn tell_user_if_active_here<M>(&self, user: &str, msg: M) -> Result<(), Fail>
+    where
+        UserActor: Message<M, Reply = ()>,
+        M: Send + 'static,
+    {
+        match self.users.get(user) {
+            Some(r) => r.tell(msg).await.map_err(send_failed),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) async fn ask_room_if_active_here<M, T>(
+        &self,
+        key: &str,
+        msg: M,
+    ) -> Result<Option<T>, Fail>
+    where
+        RoomActor: Message<M, Reply = Result<T, Fail>>,
+        M: Send + 'static,
+        T: Send + 'static,
+    {
+        match self.rooms.get(key) {
+            Some(r) => match r.ask(msg).await {
+                Ok(v) => Ok(Some(v)),
+                Err(SendError::HandlerError(f)) => Err(f),
+                Err(e) => Err(send_failed(e)),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) async fn ask_user_if_active_here<M, T>(
+        &self,
+        user: &str,
+        msg: M,
+    ) -> Result<Option<T>, Fail>
+    where
+        UserActor: Message<M, Reply = Result<T, Fail>>,
+        M: Send + 'static,
+        T: Send + 'static,
+    {
+        match self.users.get(user) {
+            Some(r) => match r.ask(msg).await {
+                Ok(v) => Ok(Some(v)),
+                Err(SendError::HandlerError(f)) => Err(f),
+                Err(e) => Err(send_failed(e)),
+            },
+            None => Ok(None),
+        }
+    }
+
     async fn tell_placed<A, M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
+    where
+        A: Placed + Message<M, Reply = ()>,
+        M: Wire,
+    {
+        let owner = self.cluster.owner(&A::placement_key(key));
+        if self.cluster.is_me(&owner) {
+            self.tell_local::<A, M>(key, msg).await
+        } else {
+            self.tell_remote(&owner, key, msg, false).await
+        }
+    }
+
+    async fn ask_placed<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
+    where
+        A: Placed + Message<M, Reply = Result<T, Fail>>,
+        M: Wire,
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let owner = self.cluster.owner(&A::placement_key(key));
+        if self.cluster.is_me(&owner) {
+            self.ask_local::<A, M, T>(key, msg).await
+        } else {
+            self.ask_remote(&owner, key, msg, false).await
+        }
+    }
+
+    /// Tells the actor of `key` on this node (activating it).
+    pub(crate) async fn tell_local<A, M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
     where
         A: Placed + Message<M, Reply = ()>,
         M: Send + 'static,
@@ -296,7 +464,8 @@ impl Services {
         ))
     }
 
-    async fn ask_placed<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
+    /// Asks the actor of `key` on this node (activating it).
+    pub(crate) async fn ask_local<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
     where
         A: Placed + Message<M, Reply = Result<T, Fail>>,
         M: Send + 'static,
@@ -389,11 +558,9 @@ impl Services {
 
     /// A user's presence without activating their actor: no running actor
     /// means no connection, so the user is offline since their `last_seen`.
-    pub async fn presence_of(&self, user: &str) -> Result<Presence, Fail> {
-        if let Some(actor) = self.user_if_active(user) {
-            if let Ok(p) = actor.ask(crate::user::Query).await {
-                return Ok(p);
-            }
+    pub async fn presence_of(self: &Arc<Self>, user: &str) -> Result<Presence, Fail> {
+        if let Ok(Some(p)) = self.ask_user_if_active(user, crate::user::Query).await {
+            return Ok(p);
         }
         let last_seen = self.store.last_seen(user).await?;
         Ok(Presence {
@@ -403,6 +570,26 @@ impl Services {
             activity: None,
             devices: 0,
         })
+    }
+
+    /// Stops, after their mailboxes drain, the actors whose key this node
+    /// no longer owns (the view changed): their next message activates them
+    /// at the new owner, which loads from the shared store. Returns how many.
+    pub fn hand_over_moved_keys(&self) -> usize {
+        let cluster = &self.cluster;
+        let rooms = self.rooms.take_unless(|k| cluster.is_me(&cluster.owner(k)));
+        let users = self
+            .users
+            .take_unless(|u| cluster.is_me(&cluster.owner(&user_key(u))));
+        let n = rooms.len() + users.len();
+        rooms.into_iter().for_each(stop_later);
+        users.into_iter().for_each(stop_later);
+        n
+    }
+
+    /// Active (rooms, users) on this node.
+    pub fn active_counts(&self) -> (usize, usize) {
+        (self.rooms.len(), self.users.len())
     }
 
     /// Stops every room and user actor after its mailbox drains (in-flight
@@ -434,15 +621,22 @@ impl Services {
     }
 }
 
-/// A virtual actor kind: where its activations are registered and how one starts.
-trait Placed: Actor {
+/// A virtual actor kind: where its activations are registered, how one
+/// starts, and the key placement hashes.
+pub trait Placed: Actor {
+    #[doc(hidden)]
     fn registry(svc: &Services) -> &Registry<Self>;
     fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self>;
+    /// The key whose HRW winner owns the actor of `key`.
+    fn placement_key(key: &str) -> String;
 }
 
 impl Placed for RoomActor {
     fn registry(svc: &Services) -> &Registry<Self> {
         &svc.rooms
+    }
+    fn placement_key(key: &str) -> String {
+        key.to_string()
     }
     fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
         svc.room(key)
@@ -452,6 +646,9 @@ impl Placed for RoomActor {
 impl Placed for UserActor {
     fn registry(svc: &Services) -> &Registry<Self> {
         &svc.users
+    }
+    fn placement_key(user: &str) -> String {
+        user_key(user)
     }
     fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
         svc.user(key)

@@ -26,7 +26,7 @@ use kameo::message::{Context, Message};
 use kameo::Actor;
 use serde_json::{json, Value};
 
-use crate::hub::ConnId;
+use crate::hub::ConnAddr;
 use crate::services::{Replier, Services};
 use crate::Fail;
 
@@ -41,8 +41,8 @@ struct ConnState {
 pub struct UserActor {
     svc: Arc<Services>,
     user: String,
-    conns: HashMap<ConnId, ConnState>,
-    watchers: HashMap<ConnId, ()>,
+    conns: HashMap<ConnAddr, ConnState>,
+    watchers: HashMap<ConnAddr, ()>,
     activity: Option<String>,
     last_seen: Option<Millis>,
     status: Status,
@@ -124,9 +124,9 @@ impl UserActor {
         }
     }
 
-    async fn send_all(&self, conns: impl Iterator<Item = ConnId>, frame: Arc<SharedFrame>) {
+    async fn send_all(&self, conns: impl Iterator<Item = ConnAddr>, frame: Arc<SharedFrame>) {
         for conn in conns {
-            self.svc.send_to(conn, frame.clone()).await;
+            self.svc.send_to(&conn, frame.clone()).await;
         }
     }
 
@@ -147,7 +147,7 @@ impl UserActor {
             let frame = Arc::new(SharedFrame::new(ServerFrame::Push(Push::ephemeral(
                 "presence", None, data,
             ))));
-            self.send_all(self.watchers.keys().copied(), frame).await;
+            self.send_all(self.watchers.keys().cloned(), frame).await;
         }
         self.schedule_idle(ctx_ref);
     }
@@ -207,37 +207,44 @@ impl UserActor {
             ephemeral: false,
             data,
         })));
-        self.send_all(self.conns.keys().copied(), frame).await;
+        self.send_all(self.conns.keys().cloned(), frame).await;
     }
 }
 
 // ---------- messages ----------
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Connected {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Disconnected {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
 /// The connection did something (a request): it is not idle.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Activity {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct SetPresence {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
     pub status: Option<Status>,
     pub activity: Option<String>,
 }
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Watch {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Unwatch {
-    pub conn: ConnId,
+    pub conn: ConnAddr,
 }
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Query;
 
 /// What a notification says; the user actor gives it an id and stores it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NotifySpec {
     pub kind: String,
     pub title: String,
@@ -249,16 +256,19 @@ pub struct NotifySpec {
     pub expires_at: Option<Millis>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Notify {
     pub spec: NotifySpec,
     pub replier: Replier,
 }
 
 /// Marks `ids` (or all when `None`) read; every device of the user is told.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct MarkRead {
     pub ids: Option<Vec<u64>>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct SetPrefs {
     pub prefs: NotificationPrefs,
 }
@@ -445,7 +455,7 @@ impl Message<MarkRead> for UserActor {
             None,
             serde_json::to_value(&push).unwrap_or(Value::Null),
         ))));
-        self.send_all(self.conns.keys().copied(), frame).await;
+        self.send_all(self.conns.keys().cloned(), frame).await;
         Ok(push)
     }
 }

@@ -251,6 +251,7 @@ fn handle(
                 offset: r.head,
                 recovered: true,
                 reason: None,
+                detail: None,
                 missed: Vec::new(),
             };
             ok(serde_json::to_value(s).unwrap_or(Value::Null))

@@ -102,13 +102,13 @@ impl actix_web::ResponseError for ApiError {
     }
 }
 
-fn fail(f: Fail) -> ApiError {
+pub(crate) fn fail(f: Fail) -> ApiError {
     ApiError(f)
 }
 
-type ApiResult = Result<HttpResponse, ApiError>;
+pub(crate) type ApiResult = Result<HttpResponse, ApiError>;
 
-fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+pub(crate) fn check_key(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let presented = req
         .headers()
         .get("x-api-key")

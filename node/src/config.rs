@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use chorus_actors::cluster::ClusterConfig;
 use chorus_actors::ActorConfig;
 use chorus_storage::{Backend, StorageConfig};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,7 @@ pub struct Config {
     pub notifications: NotificationsSection,
     pub actors: ActorsSection,
     pub shutdown: ShutdownSection,
+    pub cluster: ClusterConfig,
     pub storage: StorageConfig,
     pub log: LogSection,
 }
@@ -46,6 +48,7 @@ impl Default for Config {
             notifications: NotificationsSection::default(),
             actors: ActorsSection::default(),
             shutdown: ShutdownSection::default(),
+            cluster: ClusterConfig::default(),
             storage: StorageConfig::default(),
             log: LogSection::default(),
         }
@@ -343,6 +346,38 @@ pub const ENV_OVERRIDES: &[(&str, &str, Setter)] = &[
             Ok(())
         },
     ),
+    ("CHORUS_CLUSTER_SEEDS", "cluster.seeds", |c, v| {
+        c.cluster.seeds = v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        Ok(())
+    }),
+    ("CHORUS_CLUSTER_SECRET", "cluster.secret", |c, v| {
+        c.cluster.secret = v.to_string();
+        Ok(())
+    }),
+    ("CHORUS_CLUSTER_LISTEN", "cluster.listen", |c, v| {
+        c.cluster.listen = v.to_string();
+        Ok(())
+    }),
+    (
+        "CHORUS_CLUSTER_TRANSPORT_LISTEN",
+        "cluster.transport_listen",
+        |c, v| {
+            c.cluster.transport_listen = v.to_string();
+            Ok(())
+        },
+    ),
+    (
+        "CHORUS_CLUSTER_ADVERTISE_HOST",
+        "cluster.advertise_host",
+        |c, v| {
+            c.cluster.advertise_host = v.to_string();
+            Ok(())
+        },
+    ),
     ("CHORUS_LOG_LEVEL", "log.level", |c, v| {
         c.log.level = v.to_string();
         Ok(())
@@ -437,9 +472,27 @@ impl Config {
                 chorus_storage::MAX_PAGE - 1
             );
         }
+        if let Some(problem) = self.cluster.problem() {
+            bail!(problem);
+        }
         // Token validation subtracts the leeway from the current Unix time.
         if self.auth.leeway_secs > MAX_LEEWAY_SECS {
             bail!("auth.leeway_secs must be at most {MAX_LEEWAY_SECS} (one day)");
+        }
+        Ok(())
+    }
+
+    /// Checks the store fits the cluster: several nodes need the shared one.
+    /// (Tests that hand a node its store skip this.)
+    pub fn validate_store(&self) -> anyhow::Result<()> {
+        if self.cluster.enabled() && self.storage.backend == Backend::Embedded {
+            bail!(
+                "a node of a cluster needs the shared store: cluster.seeds or cluster.secret is \
+                 set, but storage.backend is \"embedded\" (one node's private directory). Set \
+                 storage.backend = \"scylla\" (CHORUS_STORAGE_BACKEND=scylla) with \
+                 [storage.scylla] contact_points on every node, or remove the seeds and secret \
+                 to run a cluster of one"
+            );
         }
         Ok(())
     }

@@ -14,8 +14,11 @@
 //!   are acknowledged), flush the store, close the listener.
 
 pub mod api;
+pub mod api_cluster;
 pub mod auth;
 pub mod config;
+pub mod membership;
+pub mod status;
 pub mod ws;
 
 use std::net::{SocketAddr, TcpListener};
@@ -25,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
+use chorus_actors::cluster::{Cluster, Faults};
 use chorus_actors::hub::CloseAll;
+use chorus_actors::placement::NodeId;
 use chorus_actors::{Metrics, Services};
 use chorus_protocol::{close, now_ms};
 use tokio_util::sync::CancellationToken;
@@ -54,13 +59,32 @@ pub struct NodeHandle {
     readiness_grace: Duration,
 }
 
+/// What a node is started with besides its config: tests hand several
+/// in-process nodes one store, and partition tests a fault injector.
+#[derive(Default)]
+pub struct Deps {
+    /// The store to use instead of opening `config.storage`.
+    pub store: Option<Arc<dyn chorus_storage::Store>>,
+    /// Gossip addresses this node pretends it cannot reach.
+    pub faults: Faults,
+}
+
 /// Starts a node. Binds `config.node.listen` (port 0 picks a free port; see [`NodeHandle::http_addr`]).
 pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
+    config.validate_store()?;
+    start_with(config, Deps::default()).await
+}
+
+/// [`start`] with its dependencies given.
+pub async fn start_with(config: Config, deps: Deps) -> anyhow::Result<NodeHandle> {
     config.validate()?;
     let node_id = config.node_id();
-    let store = chorus_storage::open(&config.storage)
-        .await
-        .context("opening the store")?;
+    let store = match deps.store {
+        Some(s) => s,
+        None => chorus_storage::open(&config.storage)
+            .await
+            .context("opening the store")?,
+    };
     let metrics = Arc::new(Metrics::new());
     let verifier = Arc::new(auth::JwtVerifier::from_config(&config.auth)?);
     let threads = match config.actors.threads {
@@ -75,17 +99,47 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
         .enable_all()
         .build()
         .context("starting the actor runtime")?;
+    let listener = TcpListener::bind(config.listen_addr()?)
+        .with_context(|| format!("binding {}", config.node.listen))?;
+    let addr = listener.local_addr()?;
+    let me = NodeId::new(&node_id);
+    let cluster = if config.cluster.enabled() {
+        let (cfg, me, faults, cm) = (
+            config.cluster.clone(),
+            me.clone(),
+            deps.faults,
+            metrics.cluster.clone(),
+        );
+        runtime
+            .spawn(async move { Cluster::start(&cfg, me, addr.to_string(), faults, cm).await })
+            .await
+            .context("starting the cluster")??
+    } else {
+        Cluster::single(me, metrics.cluster.clone())
+    };
     let services = Services::new(
         config.actor_config(node_id.clone()),
         store,
         metrics,
         verifier,
         runtime.handle().clone(),
+        cluster.clone(),
     );
+    if cluster.is_clustered() {
+        let _guard = runtime.enter();
+        let weak = Arc::downgrade(&services);
+        cluster.serve(move |from, bytes| {
+            let weak = weak.clone();
+            async move {
+                if let Some(svc) = weak.upgrade() {
+                    svc.on_peer_frame(from, bytes).await;
+                }
+            }
+        });
+        runtime.spawn(membership::join_and_report(services.clone()));
+        runtime.spawn(membership::hand_over_moved_keys(services.clone()));
+    }
 
-    let listener = TcpListener::bind(config.listen_addr()?)
-        .with_context(|| format!("binding {}", config.node.listen))?;
-    let addr = listener.local_addr()?;
     let ready = Arc::new(AtomicBool::new(true));
     let state = web::Data::new(AppState {
         services: services.clone(),
@@ -117,6 +171,7 @@ pub async fn start(config: Config) -> anyhow::Result<NodeHandle> {
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_route))
+            .configure(api_cluster::routes)
             .configure(api::routes)
     })
     .workers(workers)
@@ -209,6 +264,8 @@ impl NodeHandle {
         //    `/readyz` 503, never a refused connection.
         self.ready.store(false, Ordering::Relaxed);
         svc.begin_stopping();
+        // The cluster stops routing keys here: `leaving` owns none.
+        membership::leave(&svc, self.timeout).await;
         // 2. Tell every client to reconnect elsewhere, and wait for sockets to drain.
         let open = svc
             .hub
@@ -228,6 +285,7 @@ impl NodeHandle {
         }
         // 4. Flush the store.
         let flushed = tokio::time::timeout(self.timeout, svc.store.flush()).await;
+        svc.cluster.shutdown().await;
         // 5. Close the listener last, not before the readiness grace, so a
         //    balancer's probe has seen the 503 (remaining sockets are dropped
         //    at the bound).

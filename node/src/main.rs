@@ -37,6 +37,25 @@ enum Command {
         /// Overrides node.id.
         #[arg(long)]
         node_id: Option<String>,
+        /// Gossip address (host:port) of a node of the cluster to join;
+        /// repeat for several. Added to cluster.seeds.
+        #[arg(long = "seed", value_name = "HOST:PORT")]
+        seeds: Vec<String>,
+    },
+    /// Print the cluster as a node sees it: members, states, load, the owner
+    /// of a key, and that node's counts (GET /api/v1/cluster).
+    Status {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The node to ask (host:port of its HTTP listener). Default: node.listen.
+        #[arg(long)]
+        target: Option<String>,
+        /// Also print which node owns this key (room:lobby, topic:news, user:alice).
+        #[arg(long)]
+        key: Option<String>,
+        /// Print the JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a development token (HS256, signed with auth.jwt_secret).
     Token {
@@ -111,13 +130,31 @@ fn main() -> anyhow::Result<()> {
             println!("schema at version {version}");
             Ok(())
         }
+        Command::Status {
+            cfg,
+            target,
+            key,
+            json,
+        } => {
+            let config = load(&cfg)?;
+            let target = target.unwrap_or_else(|| chorus_node::status::local_target(&config));
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(chorus_node::status::run(
+                &target,
+                &config.auth.api_key,
+                key.as_deref(),
+                json,
+            ))
+        }
         Command::Start {
             cfg,
             listen,
             data_dir,
             node_id,
+            seeds,
         } => {
             let mut config = load(&cfg)?;
+            config.cluster.seeds.extend(seeds);
             if let Some(l) = listen {
                 config.node.listen = l;
             }

@@ -29,6 +29,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub const SECRET: &str = "test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key-0123";
 
+pub mod cluster;
+
 /// How often a test polls a query when there is no push to wait for.
 pub const POLL: Duration = Duration::from_millis(50);
 
@@ -140,6 +142,22 @@ impl TestNode {
         let handle = chorus_node::start(config.clone())
             .await
             .expect("node starts");
+        Self::from_handle(handle, dir, config)
+    }
+
+    /// Starts a node with `config` and the given dependencies (a shared store).
+    pub async fn start_deps(
+        dir: Arc<TempDir>,
+        config: Config,
+        deps: chorus_node::Deps,
+    ) -> TestNode {
+        let handle = chorus_node::start_with(config.clone(), deps)
+            .await
+            .expect("node starts");
+        Self::from_handle(handle, dir, config)
+    }
+
+    fn from_handle(handle: NodeHandle, dir: Arc<TempDir>, config: Config) -> TestNode {
         let addr = handle.http_addr();
         TestNode {
             handle: Some(handle),

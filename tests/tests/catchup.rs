@@ -528,4 +528,19 @@ async fn client_ids_belong_to_their_sender(enc: Encoding) {
         (y["offset"].as_u64(), y["duplicate"].as_bool()),
         (Some(2), Some(false))
     );
+
+    // Every path checks the id's length: 1..=128 bytes.
+    for bad in [String::new(), "x".repeat(129)] {
+        let args = json!({"topic": "post:1", "data": 1, "client_id": bad});
+        assert_eq!(w1.err("topic.publish", args).await, 1007);
+        for path in ["/api/v1/topics/post:1/publish", "/api/v1/rooms/s/messages"] {
+            let body = json!({"data": 1, "text": "x", "client_id": bad});
+            let (status, v) = node.api("POST", path, Some(body)).await;
+            assert_eq!(
+                (status, v["error"]["code"].as_u64()),
+                (400, Some(1007)),
+                "{path}: {v}"
+            );
+        }
+    }
 }

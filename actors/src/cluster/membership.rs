@@ -1,0 +1,258 @@
+//! Membership: who is in the cluster, in which state, with what load.
+//!
+//! A thin layer over chitchat (scuttlebutt anti-entropy gossip with
+//! phi-accrual failure detection, from quickwit): each node publishes its
+//! own keys (`state`, `peer_id`, `transport`, `http`, `load`) and reads
+//! everyone's. A node the failure detector gives up on is `down`. The view
+//! is republished every gossip interval as a [`Members`] watch.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::config::ClusterConfig;
+use super::gossip::SignedUdp;
+use crate::placement::NodeId;
+
+const KEY_STATE: &str = "state";
+const KEY_PEER: &str = "peer_id";
+const KEY_TRANSPORT: &str = "transport";
+const KEY_HTTP: &str = "http";
+const KEY_LOAD: &str = "load";
+
+/// A member's lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Started, not serving keys yet.
+    Joining,
+    /// Owns keys.
+    Up,
+    /// Shutting down: owns no keys any more.
+    Leaving,
+    /// Silent beyond the failure detector's threshold.
+    Down,
+}
+
+impl MemberState {
+    fn parse(s: &str) -> MemberState {
+        match s {
+            "up" => MemberState::Up,
+            "leaving" => MemberState::Leaving,
+            _ => MemberState::Joining,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Joining => "joining",
+            MemberState::Up => "up",
+            MemberState::Leaving => "leaving",
+            MemberState::Down => "down",
+        }
+    }
+}
+
+/// What a node reports of its load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    pub connections: u64,
+    pub rooms: u64,
+    pub users: u64,
+}
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// Changes at every start of the node.
+    pub generation: u64,
+    pub state: MemberState,
+    pub gossip: SocketAddr,
+    /// The libp2p peer id and address of its transport.
+    pub peer_id: Option<String>,
+    pub transport: Option<String>,
+    /// Its HTTP (WebSocket and server API) address.
+    pub http: Option<String>,
+    pub load: Load,
+}
+
+/// Every member this node knows of, sorted by id.
+pub type Members = Arc<Vec<Member>>;
+
+/// This node's membership: its chitchat instance and the published view.
+pub struct Membership {
+    handle: ChitchatHandle,
+    members: watch::Receiver<Members>,
+    stop: CancellationToken,
+}
+
+/// What this node announces about itself at start.
+pub struct SelfInfo {
+    pub id: NodeId,
+    pub generation: u64,
+    pub gossip: SocketAddr,
+    pub peer_id: String,
+    pub transport: String,
+    pub http: String,
+}
+
+impl Membership {
+    pub async fn start(
+        config: &ClusterConfig,
+        me: SelfInfo,
+        udp: SignedUdp,
+    ) -> anyhow::Result<Membership> {
+        let interval = config.gossip_interval();
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(me.id.to_string(), me.generation, me.gossip),
+            cluster_id: config.cluster_id.clone(),
+            gossip_interval: interval,
+            listen_addr: me.gossip,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: config.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_millis(config.max_heartbeat_interval_ms.max(1)),
+                initial_interval: interval,
+                dead_node_grace_period: Duration::from_millis(config.dead_node_grace_ms),
+            },
+            marked_for_deletion_grace_period: Duration::from_millis(
+                config.dead_node_grace_ms.max(1),
+            ),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+        };
+        let initial = vec![
+            (
+                KEY_STATE.to_string(),
+                MemberState::Joining.as_str().to_string(),
+            ),
+            (KEY_PEER.to_string(), me.peer_id),
+            (KEY_TRANSPORT.to_string(), me.transport),
+            (KEY_HTTP.to_string(), me.http),
+            (KEY_LOAD.to_string(), encode_load(&Load::default())),
+        ];
+        let handle = spawn_chitchat(chitchat_config, initial, &udp).await?;
+        let (tx, members) = watch::channel(Arc::new(Vec::new()));
+        let stop = CancellationToken::new();
+        tokio::spawn(publish_members(
+            handle.chitchat(),
+            tx,
+            interval,
+            stop.clone(),
+        ));
+        Ok(Membership {
+            handle,
+            members,
+            stop,
+        })
+    }
+
+    pub fn members(&self) -> watch::Receiver<Members> {
+        self.members.clone()
+    }
+
+    pub async fn set_state(&self, state: MemberState) {
+        self.set(KEY_STATE, state.as_str()).await;
+    }
+
+    pub async fn set_load(&self, load: Load) {
+        self.set(KEY_LOAD, &encode_load(&load)).await;
+    }
+
+    async fn set(&self, key: &str, value: &str) {
+        let chitchat = self.handle.chitchat();
+        let mut c = chitchat.lock().await;
+        c.self_node_state().set(key, value);
+    }
+
+    /// Stops gossiping (the others then see this node go `down`, or gone
+    /// after `leaving`).
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        if let Err(e) = self.handle.shutdown().await {
+            tracing::debug!(error = %e, "gossip stopped with an error");
+        }
+    }
+}
+
+fn encode_load(load: &Load) -> String {
+    serde_json::to_string(load).unwrap_or_default()
+}
+
+async fn publish_members(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    tx: watch::Sender<Members>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let members = {
+            let c = chitchat.lock().await;
+            read_members(&c)
+        };
+        tx.send_if_modified(|current| {
+            if **current == members {
+                false
+            } else {
+                *current = Arc::new(members);
+                true
+            }
+        });
+    }
+}
+
+fn read_members(c: &chitchat::Chitchat) -> Vec<Member> {
+    // The newest generation of each node id wins: a restarted node's old
+    // incarnation is not a second member.
+    let mut by_id: BTreeMap<String, Member> = BTreeMap::new();
+    let live: Vec<&ChitchatId> = c.live_nodes().collect();
+    let dead: Vec<&ChitchatId> = c.dead_nodes().collect();
+    for (id, alive) in live
+        .into_iter()
+        .map(|id| (id, true))
+        .chain(dead.into_iter().map(|id| (id, false)))
+    {
+        let Some(state) = c.node_state(id) else {
+            continue;
+        };
+        let get = |k: &str| state.get(k).map(str::to_string);
+        let member = Member {
+            id: NodeId::new(&id.node_id),
+            generation: id.generation_id,
+            state: if alive {
+                MemberState::parse(state.get(KEY_STATE).unwrap_or_default())
+            } else {
+                MemberState::Down
+            },
+            gossip: id.gossip_advertise_addr,
+            peer_id: get(KEY_PEER),
+            transport: get(KEY_TRANSPORT),
+            http: get(KEY_HTTP),
+            load: state
+                .get(KEY_LOAD)
+                .and_then(|l| serde_json::from_str(l).ok())
+                .unwrap_or_default(),
+        };
+        match by_id.get(&id.node_id) {
+            Some(m)
+                if (m.generation, m.state != MemberState::Down) >= (member.generation, alive) => {}
+            _ => {
+                by_id.insert(id.node_id.clone(), member);
+            }
+        }
+    }
+    by_id.into_values().collect()
+}

@@ -1,0 +1,221 @@
+//! The inter-node transport: libp2p, TCP, a private network keyed by the
+//! cluster secret (pnet), noise, yamux; one `libp2p-stream` protocol for
+//! peer links.
+//!
+//! pnet encrypts every byte with a key derived from the cluster secret
+//! before any handshake: a process without the secret cannot complete a
+//! connection, so it can send a node no frame at all (its attempts are
+//! counted as refused). noise then authenticates each peer's id.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::core::transport::Transport as _;
+use libp2p::core::upgrade::Version;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::{identity, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm};
+use libp2p_stream::{Control, IncomingStreams};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use super::gossip::derive_key;
+
+/// The protocol of peer links.
+pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/chorus/link/1");
+
+/// A stream to a peer, as tokio reads it.
+pub type PeerStream = Compat<libp2p::Stream>;
+
+enum Command {
+    /// Connect to `peer` at `addr` (if not connected); answer once connected.
+    Connect {
+        peer: PeerId,
+        addr: Multiaddr,
+        done: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// A running swarm and the handles to use it.
+pub struct Transport {
+    peer_id: PeerId,
+    addr: Multiaddr,
+    control: Control,
+    commands: mpsc::UnboundedSender<Command>,
+    stop: CancellationToken,
+}
+
+impl Transport {
+    /// Listens on `listen` (port 0: any free port); returns once bound.
+    pub async fn start(
+        listen: SocketAddr,
+        secret: &str,
+        refused: Counter,
+    ) -> anyhow::Result<(Transport, IncomingStreams)> {
+        let keypair = identity::Keypair::generate_ed25519();
+        let psk = PreSharedKey::new(derive_key(secret, "transport"));
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_other_transport(|key| {
+                // Only fails for key types noise cannot use; ours is ed25519.
+                let noise = noise::Config::new(key).expect("noise accepts ed25519 keys");
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(Duration::from_secs(10))
+            })
+            .map_err(|e| anyhow::anyhow!("transport: {e:?}"))?
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        let mut listen_addr = Multiaddr::from(listen.ip());
+        listen_addr.push(Protocol::Tcp(listen.port()));
+        swarm.listen_on(listen_addr)?;
+        let addr = loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::NewListenAddr { address, .. } => break address,
+                SwarmEvent::ListenerError { error, .. } => return Err(error.into()),
+                SwarmEvent::ListenerClosed { reason, .. } => {
+                    reason?;
+                    anyhow::bail!("transport listener closed");
+                }
+                _ => {}
+            }
+        };
+        let mut control = swarm.behaviour().new_control();
+        let incoming = control
+            .accept(LINK_PROTOCOL)
+            .map_err(|_| anyhow::anyhow!("link protocol registered twice"))?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let peer_id = *swarm.local_peer_id();
+        tokio::spawn(run_swarm(swarm, rx, refused, stop.clone()));
+        Ok((
+            Transport {
+                peer_id,
+                addr,
+                control,
+                commands,
+                stop,
+            },
+            incoming,
+        ))
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The bound address (a real port even when configured with port 0).
+    pub fn listen_addr(&self) -> &Multiaddr {
+        &self.addr
+    }
+
+    /// Opens a link stream to `peer` at `addr`, connecting first if needed.
+    pub async fn open(&self, peer: PeerId, addr: Multiaddr) -> io::Result<PeerStream> {
+        let (done, connected) = oneshot::channel();
+        self.commands
+            .send(Command::Connect { peer, addr, done })
+            .map_err(|_| io::Error::other("transport stopped"))?;
+        connected
+            .await
+            .map_err(|_| io::Error::other("transport stopped"))??;
+        let stream = self
+            .control
+            .clone()
+            .open_stream(peer, LINK_PROTOCOL)
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+        Ok(stream.compat())
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The address to advertise: `host` (when set) with the bound port.
+pub fn advertised(bound: &Multiaddr, host: &str) -> Multiaddr {
+    let Ok(ip) = host.parse::<std::net::IpAddr>() else {
+        return bound.clone();
+    };
+    bound
+        .iter()
+        .map(|p| match p {
+            Protocol::Ip4(_) | Protocol::Ip6(_) => Protocol::from(ip),
+            other => other,
+        })
+        .collect()
+}
+
+async fn run_swarm(
+    mut swarm: Swarm<libp2p_stream::Behaviour>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    refused: Counter,
+    stop: CancellationToken,
+) {
+    let mut waiting: HashMap<PeerId, Vec<oneshot::Sender<io::Result<()>>>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            cmd = commands.recv() => {
+                let Some(Command::Connect { peer, addr, done }) = cmd else { return };
+                if swarm.is_connected(&peer) {
+                    let _ = done.send(Ok(()));
+                    continue;
+                }
+                let first = !waiting.contains_key(&peer);
+                waiting.entry(peer).or_default().push(done);
+                if first {
+                    let addr = addr.with_p2p(peer).unwrap_or_else(|a| a);
+                    if let Err(e) = swarm.dial(addr) {
+                        fail_waiting(&mut waiting, peer, &e);
+                    }
+                }
+            }
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                    for done in waiting.remove(&peer_id).unwrap_or_default() {
+                        let _ = done.send(Ok(()));
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                    fail_waiting(&mut waiting, peer, &error);
+                }
+                SwarmEvent::IncomingConnectionError { send_back_addr, error, .. } => {
+                    // Without the secret the pnet/noise handshake fails here.
+                    refused.inc();
+                    tracing::warn!(from = %send_back_addr, error = %error, "inter-node connection refused");
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn fail_waiting(
+    waiting: &mut HashMap<PeerId, Vec<oneshot::Sender<io::Result<()>>>>,
+    peer: PeerId,
+    error: &DialError,
+) {
+    for done in waiting.remove(&peer).unwrap_or_default() {
+        let _ = done.send(Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            error.to_string(),
+        )));
+    }
+}

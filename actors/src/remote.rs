@@ -1,0 +1,476 @@
+//! What nodes say to each other, and the placement calls that cross nodes.
+//!
+//! Every payload on a peer link is one [`PeerMsg`] (rmp-serde):
+//! - `Actor`: a message for the room or user actor of a key this node
+//!   believes the receiver owns; asks carry a correlation id and the answer
+//!   comes back as `Answer`. A receiver that does not own the key (its view
+//!   differs) forwards it to the owner it sees, at most [`MAX_HOPS`] times,
+//!   then refuses it with a retryable `overloaded` (5004): never a loop.
+//! - `Hub*`: a room's pushes, replies and (un)subscriptions for the
+//!   connections of the receiving node, in the room's order (one ordered
+//!   link per peer pair). A published message is sent once per subscribed
+//!   node, whatever the number of its subscribers there.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chorus_protocol::{ErrorCode, ServerFrame, SharedFrame};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::hub::{ConnAddr, ConnId, Deliver, SendTo, Subscribe, Unsubscribe};
+use crate::placement::NodeId;
+use crate::services::{Replier, Services};
+use crate::{room, user, Fail};
+
+/// How often a request may be forwarded between nodes that disagree on its owner.
+pub const MAX_HOPS: u8 = 2;
+
+#[derive(Serialize, Deserialize)]
+pub enum PeerMsg {
+    Actor(Envelope),
+    Answer {
+        corr: u64,
+        result: Result<Value, Fail>,
+    },
+    HubDeliver {
+        channel: String,
+        frame: ServerFrame,
+    },
+    HubSendTo {
+        conn: ConnId,
+        frame: ServerFrame,
+    },
+    HubSubscribe {
+        channel: String,
+        conn: ConnId,
+    },
+    HubUnsubscribe {
+        channel: String,
+        conn: ConnId,
+    },
+}
+
+/// A message for the actor of `key`.
+#[derive(Serialize, Deserialize)]
+pub struct Envelope {
+    pub key: String,
+    pub msg: ActorMsg,
+    pub hops: u8,
+    /// Only if the actor is running there (never activates one).
+    pub if_active: bool,
+    /// Set for asks: where the answer goes.
+    pub reply: Option<(NodeId, u64)>,
+}
+
+/// A message kind that can travel to another node.
+pub trait Wire: Sized + Send + 'static {
+    fn into_msg(self) -> ActorMsg;
+    /// The message's replier, to turn a local waiter into a remote one.
+    fn replier(&mut self) -> Option<&mut Replier> {
+        None
+    }
+}
+
+macro_rules! wire {
+    (
+        room tell: [$($rt:ident $(+ $rr:ident)?),*],
+        room ask: [$($ra:ident),*],
+        user tell: [$($ut:ident $(+ $ur:ident)?),*],
+        user ask: [$($ua:ident),*] $(,)?
+    ) => {
+        /// Every message a node may send to another node's actors.
+        #[derive(Serialize, Deserialize)]
+        pub enum ActorMsg {
+            $($rt(room::$rt),)*
+            $($ra(room::$ra),)*
+            $($ut(user::$ut),)*
+            $($ua(user::$ua),)*
+        }
+
+        $(impl Wire for room::$rt {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$rt(self) }
+            $(fn replier(&mut self) -> Option<&mut Replier> { let _ = stringify!($rr); Some(&mut self.replier) })?
+        })*
+        $(impl Wire for room::$ra {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$ra(self) }
+        })*
+        $(impl Wire for user::$ut {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$ut(self) }
+            $(fn replier(&mut self) -> Option<&mut Replier> { let _ = stringify!($ur); Some(&mut self.replier) })?
+        })*
+        $(impl Wire for user::$ua {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$ua(self) }
+        })*
+
+        impl Services {
+            /// Runs an actor message that arrived from another node, here.
+            async fn run_here(self: &Arc<Self>, e: Envelope) {
+                let Envelope { key, msg, if_active, reply, .. } = e;
+                match msg {
+                    $(ActorMsg::$rt(m) => {
+                        let _ = if if_active {
+                            self.tell_room_if_active_here(&key, m).await
+                        } else {
+                            self.tell_local::<room::RoomActor, _>(&key, m).await
+                        };
+                    })*
+                    $(ActorMsg::$ra(m) => {
+                        let r = if if_active {
+                            self.ask_room_if_active_here(&key, m).await.map(|v| to_json(&v))
+                        } else {
+                            self.ask_local::<room::RoomActor, _, _>(&key, m).await.map(|v| to_json(&v))
+                        };
+                        self.answer(reply, r).await;
+                    })*
+                    $(ActorMsg::$ut(m) => {
+                        let _ = if if_active {
+                            self.tell_user_if_active_here(&key, m).await
+                        } else {
+                            self.tell_local::<user::UserActor, _>(&key, m).await
+                        };
+                    })*
+                    $(ActorMsg::$ua(m) => {
+                        let r = if if_active {
+                            self.ask_user_if_active_here(&key, m).await.map(|v| to_json(&v))
+                        } else {
+                            self.ask_local::<user::UserActor, _, _>(&key, m).await.map(|v| to_json(&v))
+                        };
+                        self.answer(reply, r).await;
+                    })*
+                }
+            }
+        }
+    };
+}
+
+wire! {
+    room tell: [
+        Create + replier, Join + replier, Leave + replier, Invite + replier,
+        Kick + replier, Publish + replier, Edit + replier, Read + replier,
+        Subscribe, Unsubscribe
+    ],
+    room ask: [Members, Authorize, Typing, Summary],
+    user tell: [Connected, Disconnected, Activity, Unwatch, Notify + replier],
+    user ask: [SetPresence, Watch, Query, MarkRead, SetPrefs],
+}
+
+fn to_json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn encode(msg: &PeerMsg) -> Option<Bytes> {
+    match rmp_serde::to_vec_named(msg) {
+        Ok(v) => Some(Bytes::from(v)),
+        Err(e) => {
+            tracing::error!(error = %e, "peer message not encodable");
+            None
+        }
+    }
+}
+
+impl Services {
+    /// Sends one message to another node; failures are logged (the link
+    /// retries by itself; a node that is gone is the failure detector's case).
+    pub(crate) async fn send_peer(&self, node: &NodeId, msg: &PeerMsg) {
+        if let Some(bytes) = encode(msg) {
+            if let Err(f) = self.cluster.send(node, bytes).await {
+                tracing::debug!(%node, error = %f, "peer message not sent");
+            }
+        }
+    }
+
+    /// Queues a frame for one connection, on whichever node it is, ordered
+    /// with that node's pushes from the same sender.
+    pub async fn send_to(&self, conn: &ConnAddr, frame: Arc<SharedFrame>) {
+        if self.cluster.is_me(&conn.node) {
+            let msg = SendTo {
+                conn: conn.conn,
+                frame,
+            };
+            if self.hub.tell(msg).await.is_err() {
+                tracing::debug!(conn = conn.conn, "hub gone; frame dropped at shutdown");
+            }
+        } else {
+            let msg = PeerMsg::HubSendTo {
+                conn: conn.conn,
+                frame: frame.frame().clone(),
+            };
+            self.send_peer(&conn.node, &msg).await;
+        }
+    }
+
+    /// One push for the subscribers of `channel` on each of `nodes`: the
+    /// local hub gets the frame, every other node one copy, encoded once.
+    pub(crate) async fn deliver<'a>(
+        &self,
+        channel: &str,
+        nodes: impl Iterator<Item = &'a NodeId>,
+        frame: Arc<SharedFrame>,
+    ) {
+        let mut encoded: Option<Bytes> = None;
+        for node in nodes {
+            if self.cluster.is_me(node) {
+                let msg = Deliver {
+                    channel: channel.to_string(),
+                    frame: frame.clone(),
+                };
+                if self.hub.tell(msg).await.is_err() {
+                    tracing::debug!(channel, "hub gone");
+                }
+                continue;
+            }
+            if encoded.is_none() {
+                encoded = encode(&PeerMsg::HubDeliver {
+                    channel: channel.to_string(),
+                    frame: frame.frame().clone(),
+                });
+            }
+            let Some(bytes) = encoded.clone() else { return };
+            self.cluster.metrics.remote_deliveries.inc();
+            if let Err(f) = self.cluster.send(node, bytes).await {
+                tracing::debug!(%node, channel, error = %f, "delivery to node failed");
+            }
+        }
+    }
+
+    pub(crate) async fn hub_subscribe(&self, channel: &str, conn: &ConnAddr) {
+        if self.cluster.is_me(&conn.node) {
+            let msg = Subscribe {
+                channel: channel.to_string(),
+                conn: conn.conn,
+            };
+            let _ = self.hub.tell(msg).await;
+        } else {
+            let msg = PeerMsg::HubSubscribe {
+                channel: channel.to_string(),
+                conn: conn.conn,
+            };
+            self.send_peer(&conn.node, &msg).await;
+        }
+    }
+
+    pub(crate) async fn hub_unsubscribe(&self, channel: &str, conn: &ConnAddr) {
+        if self.cluster.is_me(&conn.node) {
+            let msg = Unsubscribe {
+                channel: channel.to_string(),
+                conn: conn.conn,
+            };
+            let _ = self.hub.tell(msg).await;
+        } else {
+            let msg = PeerMsg::HubUnsubscribe {
+                channel: channel.to_string(),
+                conn: conn.conn,
+            };
+            self.send_peer(&conn.node, &msg).await;
+        }
+    }
+
+    /// A correlation id for an answer from another node, and its receiver.
+    fn expect_answer(&self) -> (u64, oneshot::Receiver<Result<Value, Fail>>) {
+        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(corr, tx);
+        (corr, rx)
+    }
+
+    /// Waits for an answer, at most the request timeout (then 5004).
+    async fn await_answer(
+        &self,
+        corr: u64,
+        rx: oneshot::Receiver<Result<Value, Fail>>,
+    ) -> Result<Value, Fail> {
+        let timeout = self.cluster.config().request_timeout();
+        let r = tokio::time::timeout(timeout, rx).await;
+        self.pending.lock().remove(&corr);
+        match r {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Fail::new(ErrorCode::Overloaded, "request lost, retry")),
+            Err(_) => {
+                self.cluster.metrics.request_timeouts.inc();
+                Err(Fail::new(
+                    ErrorCode::Overloaded,
+                    "the owning node did not answer in time, retry",
+                ))
+            }
+        }
+    }
+
+    /// Before a message leaves: an in-process waiter becomes a remote
+    /// replier whose answer is awaited here (with the request deadline).
+    fn make_remote<M: Wire>(self: &Arc<Self>, msg: &mut M) {
+        let Some(replier) = msg.replier() else { return };
+        if !matches!(replier, Replier::Waiter(_)) {
+            return;
+        }
+        let (corr, rx) = self.expect_answer();
+        let Replier::Waiter(tx) = std::mem::replace(
+            replier,
+            Replier::Remote {
+                node: self.cluster.me().clone(),
+                corr,
+            },
+        ) else {
+            return;
+        };
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(svc.await_answer(corr, rx).await);
+        });
+    }
+
+    /// Sends a tell to the owner of `key` on `node`.
+    pub(crate) async fn tell_remote<M: Wire>(
+        self: &Arc<Self>,
+        node: &NodeId,
+        key: &str,
+        mut msg: M,
+        if_active: bool,
+    ) -> Result<(), Fail> {
+        self.make_remote(&mut msg);
+        let envelope = Envelope {
+            key: key.to_string(),
+            msg: msg.into_msg(),
+            hops: 0,
+            if_active,
+            reply: None,
+        };
+        self.forward(node, envelope).await
+    }
+
+    /// Asks the owner of `key` on `node`; the answer comes back as JSON.
+    pub(crate) async fn ask_remote<M: Wire, T: DeserializeOwned>(
+        self: &Arc<Self>,
+        node: &NodeId,
+        key: &str,
+        msg: M,
+        if_active: bool,
+    ) -> Result<T, Fail> {
+        let (corr, rx) = self.expect_answer();
+        let envelope = Envelope {
+            key: key.to_string(),
+            msg: msg.into_msg(),
+            hops: 0,
+            if_active,
+            reply: Some((self.cluster.me().clone(), corr)),
+        };
+        if let Err(f) = self.forward(node, envelope).await {
+            self.pending.lock().remove(&corr);
+            return Err(f);
+        }
+        let v = self.await_answer(corr, rx).await?;
+        serde_json::from_value(v).map_err(|e| {
+            tracing::error!(error = %e, "undecodable answer from another node");
+            Fail::new(ErrorCode::Internal, "internal error")
+        })
+    }
+
+    async fn forward(&self, node: &NodeId, envelope: Envelope) -> Result<(), Fail> {
+        let bytes = encode(&PeerMsg::Actor(envelope))
+            .ok_or_else(|| Fail::new(ErrorCode::Internal, "internal error"))?;
+        self.cluster.metrics.forwarded.inc();
+        self.cluster.send(node, bytes).await
+    }
+
+    async fn answer(&self, reply: Option<(NodeId, u64)>, result: Result<Value, Fail>) {
+        if let Some((node, corr)) = reply {
+            self.send_peer(&node, &PeerMsg::Answer { corr, result })
+                .await;
+        }
+    }
+
+    /// Handles one payload from a peer link (called in the peer's order).
+    pub async fn on_peer_frame(self: &Arc<Self>, from: NodeId, bytes: Bytes) {
+        let msg: PeerMsg = match rmp_serde::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "undecodable peer message dropped");
+                return;
+            }
+        };
+        match msg {
+            PeerMsg::Actor(e) => self.on_envelope(e).await,
+            PeerMsg::Answer { corr, result } => {
+                if let Some(tx) = self.pending.lock().remove(&corr) {
+                    let _ = tx.send(result);
+                }
+            }
+            PeerMsg::HubDeliver { channel, frame } => {
+                let frame = Arc::new(SharedFrame::new(frame));
+                let _ = self.hub.tell(Deliver { channel, frame }).await;
+            }
+            PeerMsg::HubSendTo { conn, frame } => {
+                let frame = Arc::new(SharedFrame::new(frame));
+                let _ = self.hub.tell(SendTo { conn, frame }).await;
+            }
+            PeerMsg::HubSubscribe { channel, conn } => {
+                let _ = self.hub.tell(Subscribe { channel, conn }).await;
+            }
+            PeerMsg::HubUnsubscribe { channel, conn } => {
+                let _ = self.hub.tell(Unsubscribe { channel, conn }).await;
+            }
+        }
+    }
+
+    async fn on_envelope(self: &Arc<Self>, mut e: Envelope) {
+        let placement_key = match &e.msg {
+            ActorMsg::Connected(_)
+            | ActorMsg::Disconnected(_)
+            | ActorMsg::Activity(_)
+            | ActorMsg::Unwatch(_)
+            | ActorMsg::Notify(_)
+            | ActorMsg::SetPresence(_)
+            | ActorMsg::Watch(_)
+            | ActorMsg::Query(_)
+            | ActorMsg::MarkRead(_)
+            | ActorMsg::SetPrefs(_) => crate::placement::user_key(&e.key),
+            _ => e.key.clone(),
+        };
+        let owner = self.cluster.owner(&placement_key);
+        if self.cluster.is_me(&owner) {
+            // Asks are answered from a task of their own: the link keeps
+            // reading; tells go in now, in the order they came.
+            if e.reply.is_some() {
+                let svc = self.clone();
+                tokio::spawn(async move { svc.run_here(e).await });
+            } else {
+                self.run_here(e).await;
+            }
+            return;
+        }
+        if e.hops >= MAX_HOPS {
+            let fail = Fail::new(
+                ErrorCode::Overloaded,
+                "the cluster is changing owners for this key, retry",
+            );
+            self.answer(e.reply.take(), Err(fail.clone())).await;
+            if let Some(r) = envelope_replier(e.msg) {
+                r.send(self, Err(fail)).await;
+            }
+            return;
+        }
+        e.hops += 1;
+        if let Err(f) = self.forward(&owner, e).await {
+            tracing::debug!(%owner, error = %f, "forwarding failed");
+        }
+    }
+}
+
+/// The replier inside a tell, to refuse it.
+fn envelope_replier(msg: ActorMsg) -> Option<Replier> {
+    match msg {
+        ActorMsg::Create(m) => Some(m.replier),
+        ActorMsg::Join(m) => Some(m.replier),
+        ActorMsg::Leave(m) => Some(m.replier),
+        ActorMsg::Invite(m) => Some(m.replier),
+        ActorMsg::Kick(m) => Some(m.replier),
+        ActorMsg::Publish(m) => Some(m.replier),
+        ActorMsg::Edit(m) => Some(m.replier),
+        ActorMsg::Read(m) => Some(m.replier),
+        ActorMsg::Notify(m) => Some(m.replier),
+        _ => None,
+    }
+}

@@ -1,0 +1,128 @@
+//! A cluster in one test process: several real nodes on loopback (HTTP,
+//! gossip and transport on port 0), one shared store, membership timings
+//! in milliseconds. With `CHORUS_CQL` set the nodes share a fresh keyspace
+//! on that CQL server (as a production cluster shares ScyllaDB); without it
+//! they share one embedded store (the same `Store` object: what the tests
+//! check is placement, transport and fan-out, not the backend).
+
+use std::sync::Arc;
+
+use chorus_actors::placement::NodeId;
+use chorus_node::{Config, Deps};
+use chorus_storage::{Backend, Store};
+
+use crate::{eventually, test_config, test_dir, TestNode};
+
+/// The secret the sandbox's nodes share.
+pub const CLUSTER_SECRET: &str = "sandbox-cluster-secret-0123456789";
+
+pub struct Sandbox {
+    pub nodes: Vec<TestNode>,
+}
+
+/// A fresh keyspace name the storage tests sweep up later.
+pub fn keyspace() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!(
+        "chorus_t{}_{:012x}",
+        now.as_secs(),
+        now.subsec_nanos() as u64 ^ (std::process::id() as u64) << 20
+    )
+}
+
+/// The config of sandbox node `i`; `seed` is the first node's gossip address.
+pub fn node_config(
+    i: usize,
+    seed: Option<std::net::SocketAddr>,
+    cql: Option<(&str, &str)>,
+) -> (Config, Arc<tempfile::TempDir>) {
+    let dir = test_dir();
+    let mut c = test_config(dir.path());
+    c.node.id = format!("node-{i}");
+    c.cluster.secret = CLUSTER_SECRET.into();
+    c.cluster.listen = "127.0.0.1:0".into();
+    c.cluster.transport_listen = "127.0.0.1:0".into();
+    c.cluster.seeds = seed.map(|s| vec![s.to_string()]).unwrap_or_default();
+    c.cluster.gossip_interval_ms = 50;
+    c.cluster.max_heartbeat_interval_ms = 500;
+    c.cluster.join_timeout_ms = 5_000;
+    c.cluster.request_timeout_ms = 5_000;
+    if let Some((addr, ks)) = cql {
+        c.storage.backend = Backend::Scylla;
+        c.storage.scylla.contact_points = vec![addr.to_string()];
+        c.storage.scylla.keyspace = ks.to_string();
+        c.storage.scylla.request_timeout_ms = 20_000;
+    }
+    (c, dir)
+}
+
+impl Sandbox {
+    /// Starts `n` nodes and waits until every node sees all of them `up`.
+    pub async fn start(n: usize) -> Sandbox {
+        let cql = std::env::var("CHORUS_CQL").ok();
+        let ks = keyspace();
+        let cql = cql.as_deref().map(|a| (a, ks.as_str()));
+        let mut shared: Option<Arc<dyn Store>> = None;
+        let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
+        let mut seed = None;
+        for i in 0..n {
+            let (config, dir) = node_config(i, seed, cql);
+            let store = match (&cql, &shared) {
+                (Some(_), _) => None,
+                (None, Some(s)) => Some(s.clone()),
+                (None, None) => {
+                    let s = chorus_storage::open(&config.storage).await.expect("store");
+                    shared = Some(s.clone());
+                    Some(s)
+                }
+            };
+            let deps = Deps {
+                store,
+                ..Deps::default()
+            };
+            let node = TestNode::start_deps(dir, config, deps).await;
+            if seed.is_none() {
+                seed = node.handle().services().cluster.gossip_addr();
+            }
+            nodes.push(node);
+        }
+        let sandbox = Sandbox { nodes };
+        sandbox.wait_converged().await;
+        sandbox
+    }
+
+    /// Waits until every node's view holds every node.
+    pub async fn wait_converged(&self) {
+        let n = self.nodes.len();
+        eventually("every node to see the whole cluster up", || async {
+            self.nodes
+                .iter()
+                .all(|node| node.handle().services().cluster.view().members().len() == n)
+                .then_some(())
+        })
+        .await;
+    }
+
+    pub fn node(&self, i: usize) -> &TestNode {
+        &self.nodes[i]
+    }
+
+    /// The index of the node that owns `key` (all nodes agree once converged).
+    pub fn owner_of(&self, key: &str) -> usize {
+        let owner: NodeId = self.nodes[0].handle().services().cluster.owner(key);
+        self.nodes
+            .iter()
+            .position(|n| n.handle().node_id() == owner.as_str())
+            .expect("the owner is a sandbox node")
+    }
+
+    /// A key of the form `{prefix}{i}` that node `node` owns.
+    pub fn key_owned_by(&self, node: usize, prefix: &str) -> String {
+        (0..10_000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|k| self.owner_of(k) == node)
+            .expect("some key hashes to every node")
+    }
+}
