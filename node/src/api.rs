@@ -211,18 +211,6 @@ fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Most bytes a `client_id` may have (as on the WebSocket).
-const MAX_CLIENT_ID: usize = 128;
-
-fn check_client_id(client_id: &Option<String>) -> Result<(), ApiError> {
-    match client_id {
-        Some(c) if c.is_empty() || c.len() > MAX_CLIENT_ID => {
-            Err(bad(format!("client_id must be 1..={MAX_CLIENT_ID} bytes")))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// `users` without repeats, in the order first given: a user named twice
 /// is notified (or fed) once, not once per mention.
 fn distinct(users: Vec<String>) -> Vec<String> {
@@ -435,7 +423,6 @@ async fn post_message(
     if b.text.len() > state.services.config.max_text_bytes {
         return Err(bad("text too long"));
     }
-    check_client_id(&b.client_id)?;
     let (replier, rx) = Replier::waiter();
     let msg = room::Publish {
         sender: b.sender,
@@ -655,7 +642,6 @@ async fn publish_topic(
     let topic = path.into_inner();
     check_id("topic", &topic)?;
     let b = body.into_inner().0;
-    check_client_id(&b.client_id)?;
     let (replier, rx) = Replier::waiter();
     state
         .services
