@@ -28,3 +28,7 @@ export CHORUS_REQUIRE_CQL=1
 echo "== tests"
 cargo test --workspace
 bash sdk/js/test.sh
+echo "== schemathesis: the server API against its OpenAPI document (docs/testing.md)"
+bash scripts/schemathesis.sh
+echo "== fuzz: every target for 10 s (an unoptimized build without ASan; its target dir is kept between runs)"
+FUZZ_BUILD="--dev -s none" FUZZ_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/chorus-fuzz-target}" bash tests/fuzz/run.sh 10
