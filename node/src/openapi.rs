@@ -86,6 +86,7 @@ pub const API_ERRORS: &[ErrorCode] = {
         presence,
         publish_topic,
         publish_feeds,
+        cluster,
         openapi_json
     ),
     modifiers(&Errors),
@@ -294,6 +295,64 @@ struct FeedsPublished {
     published: Vec<Published>,
 }
 
+/// A member's lifecycle (`chorus_actors::cluster::MemberState`).
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum MemberState {
+    Joining,
+    Up,
+    Leaving,
+    Down,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct Load {
+    connections: u64,
+    rooms: u64,
+    users: u64,
+}
+
+/// One member as the answering node sees it (`chorus_actors::cluster::Member`).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ClusterMember {
+    id: String,
+    /// Changes at every start of the node.
+    generation: u64,
+    state: MemberState,
+    /// Its gossip address (`ip:port`).
+    gossip: String,
+    peer_id: Option<String>,
+    transport: Option<String>,
+    /// Its HTTP (WebSocket and server API) address.
+    http: Option<String>,
+    load: Load,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct KeyOwner {
+    key: String,
+    node: String,
+}
+
+/// `crate::api_cluster::ClusterStatus`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ClusterStatus {
+    /// The node that answered.
+    node: String,
+    generation: u64,
+    members: Vec<ClusterMember>,
+    /// The members that own keys (`up`), sorted.
+    view: Vec<String>,
+    /// The owner of `?key=`, when asked.
+    owner: Option<KeyOwner>,
+    local: Load,
+}
+
 // ---- operations (the handlers are in api.rs; error responses are added by `Errors`) ----
 
 #[utoipa::path(post, path = "/api/v1/rooms", request_body = super::CreateRoom,
@@ -368,6 +427,14 @@ fn publish_topic() {}
     responses((status = 200, description = "Stored in every feed", body = FeedsPublished)))]
 #[allow(dead_code)]
 fn publish_feeds() {}
+
+/// The cluster as this node sees it (what `chorus status` prints); the
+/// handler is `crate::api_cluster`.
+#[utoipa::path(get, path = "/api/v1/cluster",
+    params(("key" = Option<String>, Query, description = "A placement key (`room:lobby`, `user:alice`): its owner is in `owner`")),
+    responses((status = 200, description = "Members, view, and this node's counts", body = ClusterStatus)))]
+#[allow(dead_code)]
+fn cluster() {}
 
 /// This document; no `x-api-key` needed.
 #[utoipa::path(get, path = "/api/v1/openapi.json", security(()),
@@ -514,140 +581,5 @@ fn add_errors(op: &mut Operation, statuses: &BTreeMap<u16, Vec<ErrorCode>>) {
             status.to_string(),
             RefOr::Ref(Ref::from_response_name(format!("Error{status}"))),
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use chorus_protocol::ops::{HistoryPage, NotifPage, Published};
-    use chorus_protocol::*;
-    use serde_json::{json, Value};
-
-    /// Every optional field set, so the value shows all the keys its type has.
-    fn samples() -> Vec<(&'static str, Value)> {
-        let room = RoomInfo {
-            id: "team".into(),
-            kind: RoomKind::Group,
-            name: Some("Team".into()),
-            created_by: "ann".into(),
-            created_at: 1,
-        };
-        let member = Member {
-            user: "ann".into(),
-            role: Role::Owner,
-            joined_at: 1,
-        };
-        let head = ChannelHead {
-            epoch: "e".into(),
-            offset: 2,
-            msg_seq: 1,
-        };
-        let mut entry = Entry::new(2, EntryKind::Message, 1, 1);
-        entry.sender = Some("ann".into());
-        entry.client_id = Some("c".into());
-        entry.text = Some("hi".into());
-        entry.attachments = Some(json!({}));
-        entry.reply_to = Some(1);
-        entry.target = Some(1);
-        entry.data = Some(json!(1));
-        entry.edited_at = Some(1);
-        entry.deleted = true;
-        let notification = Notification {
-            id: 1,
-            user: "ann".into(),
-            kind: "like".into(),
-            title: "t".into(),
-            body: Some("b".into()),
-            data: Some(json!(1)),
-            priority: Priority::High,
-            category: Some("c".into()),
-            room: Some("team".into()),
-            created_at: 1,
-            expires_at: Some(2),
-            read: false,
-        };
-        let published = Published {
-            channel: "room:team".into(),
-            epoch: "e".into(),
-            offset: 2,
-            duplicate: false,
-        };
-        let presence = Presence {
-            user: "ann".into(),
-            status: Status::Online,
-            last_seen: Some(1),
-            activity: Some("typing".into()),
-            devices: 1,
-        };
-        vec![
-            ("RoomInfo", v(&room)),
-            ("Member", v(&member)),
-            ("ChannelHead", v(&head)),
-            ("Entry", v(&entry)),
-            ("Notification", v(&notification)),
-            ("Published", v(&published)),
-            ("Presence", v(&presence)),
-            (
-                "HistoryPage",
-                v(&HistoryPage {
-                    channel: "room:team".into(),
-                    head,
-                    entries: vec![],
-                    more: false,
-                }),
-            ),
-            (
-                "NotifPage",
-                v(&NotifPage {
-                    items: vec![],
-                    unread: 0,
-                    more: false,
-                }),
-            ),
-        ]
-    }
-
-    fn v<T: serde::Serialize>(x: &T) -> Value {
-        serde_json::to_value(x).expect("serializes")
-    }
-
-    /// The mirrored response schemas have exactly the fields the real types
-    /// serialize, and require those that are always there.
-    #[test]
-    fn response_schemas_mirror_the_protocol_types() {
-        let doc = serde_json::to_value(super::document()).unwrap();
-        for (name, value) in samples() {
-            let schema = &doc["components"]["schemas"][name];
-            let mut props: Vec<&String> = schema["properties"]
-                .as_object()
-                .unwrap_or_else(|| panic!("{name} is documented"))
-                .keys()
-                .collect();
-            let mut keys: Vec<&String> = value.as_object().unwrap().keys().collect();
-            props.sort();
-            keys.sort();
-            assert_eq!(props, keys, "{name}");
-            for required in schema["required"].as_array().unwrap() {
-                assert!(
-                    value.get(required.as_str().unwrap()).is_some(),
-                    "{name}.{required}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn the_id_pattern_is_valid_id() {
-        let doc = serde_json::to_value(super::document()).unwrap();
-        let pattern = doc["components"]["schemas"]["Id"]["pattern"]
-            .as_str()
-            .unwrap();
-        assert_eq!(pattern, "^[A-Za-z0-9_.:@-]{1,128}$");
-        for ok in ["a", "team-1", "a.b:c@d_e", &"x".repeat(128)] {
-            assert!(valid_id(ok), "{ok}");
-        }
-        for bad in ["", "a b", "é", "a/b", &"x".repeat(129)] {
-            assert!(!valid_id(bad), "{bad}");
-        }
     }
 }

@@ -16,8 +16,9 @@
 #                              memory). Default: release with debug assertions
 #                              and AddressSanitizer, for long runs.
 #   FUZZ_GROW=1                new inputs go into the kept corpus, which is
-#                              minimized (`cargo fuzz cmin`) after each target;
-#                              otherwise they go to a scratch directory.
+#                              then minimized (`cargo fuzz cmin`, a set cover
+#                              of the edges reached); otherwise they go to a
+#                              scratch directory.
 #   FUZZ_TARGET_DIR=dir        the build's target dir (default tests/fuzz/target)
 #
 # cargo-fuzz is installed when missing; the nightly toolchain is used when
@@ -72,7 +73,9 @@ for target in $targets; do
     total=$((total + ${runs:-0}))
     echo "fuzz $target: ${runs:-?} executions in ${secs}s, no crash"
     if [[ "${FUZZ_GROW:-}" == 1 ]]; then
-        "${fuzz[@]}" cmin "${build[@]}" "${dirs[@]}" "$target" "$corpus" >"$log" 2>&1 || {
+        # Set cover over edges alone: the fewest inputs that keep every edge.
+        "${fuzz[@]}" cmin "${build[@]}" "${dirs[@]}" "$target" "$corpus" -- \
+            -set_cover_merge=1 -use_counters=0 >"$log" 2>&1 || {
             tail -n 20 "$log"
             exit 1
         }

@@ -2,6 +2,8 @@
 //! the routes the node serves, and what schemathesis (scripts/schemathesis.sh)
 //! found the server accepting against that document stays refused.
 
+use chorus_protocol::ops::{HistoryPage, NotifPage, Published};
+use chorus_protocol::*;
 use chorus_tests::{TestNode, API_KEY};
 use serde_json::{json, Value};
 
@@ -74,6 +76,8 @@ async fn openapi_document_lists_exactly_the_served_routes() {
         .iter()
         .map(|(m, p)| (m.to_uppercase(), format!("/api/v1{p}")))
         .collect();
+    // Registered beside the scope, by `chorus_node::api_cluster::routes`.
+    served.push(("GET".into(), "/api/v1/cluster".into()));
     served.sort();
     assert_eq!(documented, served, "the document lists exactly api::ROUTES");
 
@@ -286,4 +290,155 @@ async fn removing_a_malformed_user_id_is_invalid_value() {
         .api("DELETE", "/api/v1/rooms/team/members/a%20b", None)
         .await;
     assert_eq!((status, code(&v)), (400, Some(1007)), "{v}");
+}
+
+// ---- the mirrored response schemas (node/src/openapi.rs) ----
+
+/// Every optional field set, so the value shows all the keys its type has.
+fn samples() -> Vec<(&'static str, Value)> {
+    let room = RoomInfo {
+        id: "team".into(),
+        kind: RoomKind::Group,
+        name: Some("Team".into()),
+        created_by: "ann".into(),
+        created_at: 1,
+    };
+    let member = Member {
+        user: "ann".into(),
+        role: Role::Owner,
+        joined_at: 1,
+    };
+    let head = ChannelHead {
+        epoch: "e".into(),
+        offset: 2,
+        msg_seq: 1,
+    };
+    let mut entry = Entry::new(2, EntryKind::Message, 1, 1);
+    entry.sender = Some("ann".into());
+    entry.client_id = Some("c".into());
+    entry.text = Some("hi".into());
+    entry.attachments = Some(json!({}));
+    entry.reply_to = Some(1);
+    entry.target = Some(1);
+    entry.data = Some(json!(1));
+    entry.edited_at = Some(1);
+    entry.deleted = true;
+    let notification = Notification {
+        id: 1,
+        user: "ann".into(),
+        kind: "like".into(),
+        title: "t".into(),
+        body: Some("b".into()),
+        data: Some(json!(1)),
+        priority: Priority::High,
+        category: Some("c".into()),
+        room: Some("team".into()),
+        created_at: 1,
+        expires_at: Some(2),
+        read: false,
+    };
+    let published = Published {
+        channel: "room:team".into(),
+        epoch: "e".into(),
+        offset: 2,
+        duplicate: false,
+    };
+    let presence = Presence {
+        user: "ann".into(),
+        status: Status::Online,
+        last_seen: Some(1),
+        activity: Some("typing".into()),
+        devices: 1,
+    };
+    vec![
+        ("RoomInfo", v(&room)),
+        ("Member", v(&member)),
+        ("ChannelHead", v(&head)),
+        ("Entry", v(&entry)),
+        ("Notification", v(&notification)),
+        ("Published", v(&published)),
+        ("Presence", v(&presence)),
+        (
+            "HistoryPage",
+            v(&HistoryPage {
+                channel: "room:team".into(),
+                head,
+                entries: vec![],
+                more: false,
+            }),
+        ),
+        (
+            "NotifPage",
+            v(&NotifPage {
+                items: vec![],
+                unread: 0,
+                more: false,
+            }),
+        ),
+    ]
+}
+
+fn v<T: serde::Serialize>(x: &T) -> Value {
+    serde_json::to_value(x).expect("serializes")
+}
+
+/// `value` has exactly the fields the schema `name` lists, and every one
+/// it requires.
+fn has_the_fields_of(doc: &Value, name: &str, value: &Value) {
+    let schema = &doc["components"]["schemas"][name];
+    let mut props: Vec<&String> = schema["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{name} is documented"))
+        .keys()
+        .collect();
+    let mut keys: Vec<&String> = value.as_object().expect("an object").keys().collect();
+    props.sort();
+    keys.sort();
+    assert_eq!(props, keys, "{name}");
+    for required in schema["required"].as_array().unwrap() {
+        assert!(
+            value.get(required.as_str().unwrap()).is_some(),
+            "{name}.{required}"
+        );
+    }
+}
+
+/// The mirrored response schemas have exactly the fields the real types
+/// serialize (every optional one set), and require those always there.
+#[test]
+fn response_schemas_mirror_the_protocol_types() {
+    let doc = serde_json::to_value(chorus_node::api::openapi::document()).unwrap();
+    for (name, value) in samples() {
+        has_the_fields_of(&doc, name, &value);
+    }
+}
+
+/// `GET /api/v1/cluster` (a cluster of one) answers what its schemas list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_status_mirrors_its_schema() {
+    let node = TestNode::start().await;
+    let doc = serde_json::to_value(chorus_node::api::openapi::document()).unwrap();
+    let (status, v) = node
+        .api("GET", "/api/v1/cluster?key=room:lobby", None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    has_the_fields_of(&doc, "ClusterStatus", &v);
+    has_the_fields_of(&doc, "ClusterMember", &v["members"][0]);
+    has_the_fields_of(&doc, "Load", &v["local"]);
+    has_the_fields_of(&doc, "KeyOwner", &v["owner"]);
+}
+
+#[test]
+fn the_id_pattern_is_valid_id() {
+    let doc = serde_json::to_value(chorus_node::api::openapi::document()).unwrap();
+    let pattern = doc["components"]["schemas"]["Id"]["pattern"]
+        .as_str()
+        .unwrap();
+    assert_eq!(pattern, "^[A-Za-z0-9_.:@-]{1,128}$");
+    for ok in ["a", "team-1", "a.b:c@d_e", &"x".repeat(128)] {
+        assert!(valid_id(ok), "{ok}");
+    }
+    for bad in ["", "a b", "é", "a/b", &"x".repeat(129)] {
+        assert!(!valid_id(bad), "{bad}");
+    }
 }
