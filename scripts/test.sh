@@ -27,6 +27,13 @@ export CHORUS_REQUIRE_CQL=1
 
 echo "== tests"
 cargo test --workspace
+
+# The single-node suites again, their clients and API calls spread
+# round-robin over a 3-node cluster in one process (tests/src/cluster.rs).
+echo "== tests, clients spread over a 3-node cluster"
+CHORUS_TEST_NODES=3 cargo test -p chorus-tests --test chat --test presence \
+    --test notifications --test topics --test catchup --test auth --test passivation \
+    -- --test-threads 2
 bash sdk/js/test.sh
 echo "== schemathesis: the server API against its OpenAPI document (docs/testing.md)"
 bash scripts/schemathesis.sh

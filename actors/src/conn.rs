@@ -114,7 +114,7 @@ impl Actor for ConnActor {
             node: svc.cluster.me().clone(),
             conn: id,
         };
-        svc.tell_user(&claims.user, user::Connected { conn: addr.clone() })
+        svc.ask_user(&claims.user, user::Connected { conn: addr.clone() })
             .await?;
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();

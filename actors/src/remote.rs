@@ -154,8 +154,8 @@ wire! {
         Subscribe, Unsubscribe
     ],
     room ask: [Members, Authorize, Typing, Summary],
-    user tell: [Connected, Disconnected, Activity, Unwatch, Notify + replier],
-    user ask: [SetPresence, Watch, Query, MarkRead, SetPrefs],
+    user tell: [Disconnected, Activity, Unwatch, Notify + replier],
+    user ask: [Connected, SetPresence, Watch, Query, MarkRead, SetPrefs],
 }
 
 fn to_json<T: Serialize>(v: &T) -> Value {

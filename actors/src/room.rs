@@ -589,6 +589,7 @@ impl RoomActor {
                     category: Some("chat".to_string()),
                     room: Some(room_id.clone()),
                     expires_at: None,
+                    ttl_ms: None,
                 };
                 if let Err(f) = svc
                     .tell_user(

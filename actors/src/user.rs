@@ -254,6 +254,9 @@ pub struct NotifySpec {
     pub category: Option<String>,
     pub room: Option<String>,
     pub expires_at: Option<Millis>,
+    /// A lifetime from creation (wins over `expires_at`).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -278,8 +281,10 @@ struct FlushNotifications;
 struct IdleCheck;
 
 impl Message<Connected> for UserActor {
-    type Reply = ();
-    async fn handle(&mut self, m: Connected, ctx: &mut Context<Self, ()>) {
+    /// Asked, so a connection is registered (and gets every push for its
+    /// user) before its handshake completes.
+    type Reply = Result<(), Fail>;
+    async fn handle(&mut self, m: Connected, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.last_used = Instant::now();
         self.conns.insert(
             m.conn,
@@ -290,6 +295,7 @@ impl Message<Connected> for UserActor {
         );
         let me = ctx.actor_ref().clone();
         self.refresh(&me, true).await;
+        Ok(())
     }
 }
 
@@ -386,6 +392,12 @@ impl Message<Notify> for UserActor {
     async fn handle(&mut self, m: Notify, ctx: &mut Context<Self, ()>) {
         self.last_used = Instant::now();
         let s = m.spec;
+        let created_at = now_ms();
+        // A lifetime counts from creation here, wherever the request came from.
+        let expires_at = match s.ttl_ms {
+            Some(t) => Some(created_at.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
+            None => s.expires_at,
+        };
         let n = Notification {
             id: self.next_id(),
             user: self.user.clone(),
@@ -396,8 +408,8 @@ impl Message<Notify> for UserActor {
             priority: s.priority,
             category: s.category,
             room: s.room,
-            created_at: now_ms(),
-            expires_at: s.expires_at,
+            created_at,
+            expires_at,
             read: false,
         };
         if let Err(e) = self.svc.store.put_notification(&n).await {

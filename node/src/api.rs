@@ -14,8 +14,7 @@ use chorus_actors::services::Replier;
 use chorus_actors::user::{Notify, NotifySpec};
 use chorus_actors::Fail;
 use chorus_protocol::{
-    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Millis, Priority, RoomInfo,
-    RoomKind,
+    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Priority, RoomInfo, RoomKind,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -529,11 +528,8 @@ async fn notify(
     if b.title.len() > 1024 || b.kind.is_empty() || b.kind.len() > 128 {
         return Err(bad("`type` must be 1..=128 bytes and `title` at most 1024"));
     }
-    // Saturating: a huge `ttl_ms` means "practically never", not an overflow
-    // (a panic in debug builds, an expiry in the past in release builds).
-    let expires_at: Option<Millis> = b
-        .ttl_ms
-        .map(|t| now_ms().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
+    // The user's actor turns `ttl_ms` into `expires_at` when it creates the
+    // notification (saturating: a huge `ttl_ms` means "practically never").
     let spec = NotifySpec {
         kind: b.kind,
         title: b.title,
@@ -542,7 +538,8 @@ async fn notify(
         priority: b.priority,
         category: b.category,
         room: b.room,
-        expires_at,
+        expires_at: None,
+        ttl_ms: b.ttl_ms,
     };
     let mut waits = Vec::with_capacity(users.len());
     for u in &users {

@@ -133,6 +133,17 @@ pub async fn handshake(
             mailbox::bounded(CONN_MAILBOX),
         )
     };
+    // The handshake completes once the connection is registered with its
+    // user (on the user's owner, maybe another node): from then on it gets
+    // every push for that user.
+    if let Err(e) = conn.wait_for_startup_result().await {
+        let f = match e {
+            kameo::error::HookError::Error(f) => f,
+            _ => Fail::new(ErrorCode::Internal, "connection could not start"),
+        };
+        let status = crate::api::status_for(f.code);
+        return reject(f, status);
+    }
     let limits = state.limits.clone();
     actix_web::rt::spawn(write_loop(
         session.clone(),

@@ -32,14 +32,50 @@ pub fn keyspace() -> String {
     )
 }
 
-/// The config of sandbox node `i`; `seed` is the first node's gossip address.
-pub fn node_config(
-    i: usize,
-    seed: Option<std::net::SocketAddr>,
-    cql: Option<(&str, &str)>,
-) -> (Config, Arc<tempfile::TempDir>) {
-    let dir = test_dir();
-    let mut c = test_config(dir.path());
+/// `CHORUS_TEST_NODES` when it asks for more than one node.
+pub fn spread_nodes() -> Option<usize> {
+    let n: usize = std::env::var("CHORUS_TEST_NODES").ok()?.parse().ok()?;
+    (n > 1).then_some(n)
+}
+
+/// A [`TestNode`] that is a cluster of `n` in-process nodes sharing the
+/// embedded store of `config` (see [`TestNode::start_with`]).
+pub async fn spread(
+    n: usize,
+    dir: Arc<tempfile::TempDir>,
+    config: Config,
+    tweak: &dyn Fn(&mut Config),
+) -> TestNode {
+    let store = chorus_storage::open(&config.storage).await.expect("store");
+    let mut first_config = config;
+    clusterize(&mut first_config, 0, None);
+    let deps = || Deps {
+        store: Some(store.clone()),
+        ..Deps::default()
+    };
+    let mut node = TestNode::start_deps(dir.clone(), first_config, deps()).await;
+    let seed = node.handle().services().cluster.gossip_addr();
+    for i in 1..n {
+        let mut c = test_config(dir.path());
+        tweak(&mut c);
+        clusterize(&mut c, i, seed);
+        let peer = chorus_node::start_with(c, deps())
+            .await
+            .expect("node starts");
+        node.peers.push(peer);
+    }
+    eventually("the spread cluster to converge", || async {
+        let all = std::iter::once(node.handle()).chain(node.peers.iter());
+        all.map(|h| h.services().cluster.view().members().len())
+            .all(|len| len == n)
+            .then_some(())
+    })
+    .await;
+    node
+}
+
+/// Makes `c` the config of cluster node `i`; `seed` is the first node's gossip address.
+pub fn clusterize(c: &mut Config, i: usize, seed: Option<std::net::SocketAddr>) {
     c.node.id = format!("node-{i}");
     c.cluster.secret = CLUSTER_SECRET.into();
     c.cluster.listen = "127.0.0.1:0".into();
@@ -49,6 +85,17 @@ pub fn node_config(
     c.cluster.max_heartbeat_interval_ms = 500;
     c.cluster.join_timeout_ms = 5_000;
     c.cluster.request_timeout_ms = 5_000;
+}
+
+/// The config of sandbox node `i`; `seed` is the first node's gossip address.
+pub fn node_config(
+    i: usize,
+    seed: Option<std::net::SocketAddr>,
+    cql: Option<(&str, &str)>,
+) -> (Config, Arc<tempfile::TempDir>) {
+    let dir = test_dir();
+    let mut c = test_config(dir.path());
+    clusterize(&mut c, i, seed);
     if let Some((addr, ks)) = cql {
         c.storage.backend = Backend::Scylla;
         c.storage.scylla.contact_points = vec![addr.to_string()];

@@ -128,6 +128,9 @@ pub struct TestNode {
     pub addr: std::net::SocketAddr,
     pub dir: Arc<TempDir>,
     pub config: Config,
+    /// The other nodes of a spread cluster (`CHORUS_TEST_NODES`).
+    peers: Vec<NodeHandle>,
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl TestNode {
@@ -136,9 +139,17 @@ impl TestNode {
     }
 
     /// Starts a node on `dir` (reuse a dir to restart on the same data).
-    pub async fn start_with(dir: Arc<TempDir>, tweak: impl FnOnce(&mut Config)) -> TestNode {
+    ///
+    /// With `CHORUS_TEST_NODES=N` (N > 1) this is a cluster of N nodes in
+    /// this process sharing the store in `dir` ([`cluster::spread`]): clients
+    /// and server API calls go round-robin to its nodes, so the same test
+    /// runs with its clients spread over the cluster.
+    pub async fn start_with(dir: Arc<TempDir>, tweak: impl Fn(&mut Config)) -> TestNode {
         let mut config = test_config(dir.path());
         tweak(&mut config);
+        if let Some(n) = cluster::spread_nodes() {
+            return cluster::spread(n, dir, config, &tweak).await;
+        }
         let handle = chorus_node::start(config.clone())
             .await
             .expect("node starts");
@@ -164,6 +175,22 @@ impl TestNode {
             addr,
             dir,
             config,
+            peers: Vec::new(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The HTTP address the next client or API call uses: this node's, or
+    /// in a spread cluster each node's in turn.
+    fn next_addr(&self) -> std::net::SocketAddr {
+        if self.peers.is_empty() {
+            return self.addr;
+        }
+        let i =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (self.peers.len() + 1);
+        match i {
+            0 => self.addr,
+            i => self.peers[i - 1].http_addr(),
         }
     }
 
@@ -189,33 +216,61 @@ impl TestNode {
     }
 
     pub async fn connect(&self, user: &str, encoding: Encoding) -> Client {
-        Client::connect(&self.ws_url(), &self.token(user), encoding)
+        let url = format!("ws://{}/ws", self.next_addr());
+        Client::connect(&url, &self.token(user), encoding)
             .await
             .expect("connect")
     }
 
     /// Connects with a given token (claims, short lifetimes).
     pub async fn connect_token(&self, token: &str, encoding: Encoding) -> Client {
-        Client::connect(&self.ws_url(), token, encoding)
+        let url = format!("ws://{}/ws", self.next_addr());
+        Client::connect(&url, token, encoding)
             .await
             .expect("connect")
     }
 
     /// `GET /metrics` as text.
+    /// In a spread cluster: every node's samples, summed by name and labels.
     pub async fn metrics(&self) -> String {
-        match self.api("GET", "/metrics", None).await {
-            (200, Value::String(s)) => s,
-            other => panic!("/metrics: {other:?}"),
+        let mut addrs = vec![self.addr];
+        addrs.extend(self.peers.iter().map(|p| p.http_addr()));
+        let mut pages = Vec::new();
+        for addr in addrs {
+            match api_call(addr, "GET", "/metrics", None, Some(API_KEY)).await {
+                (200, Value::String(s)) => pages.push(s),
+                other => panic!("/metrics: {other:?}"),
+            }
         }
+        if pages.len() == 1 {
+            return pages.remove(0);
+        }
+        let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+        for line in pages.iter().flat_map(|p| p.lines()) {
+            if line.starts_with('#') {
+                continue;
+            }
+            if let Some((sample, value)) = line.rsplit_once(' ') {
+                if let Ok(v) = value.parse::<f64>() {
+                    *sums.entry(sample.to_string()).or_insert(0.0) += v;
+                }
+            }
+        }
+        sums.into_iter()
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect()
     }
 
     /// Calls the server API; returns the status and the JSON body.
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        api_call(self.addr, method, path, body, Some(API_KEY)).await
+        api_call(self.next_addr(), method, path, body, Some(API_KEY)).await
     }
 
     /// Graceful shutdown, as on SIGTERM.
     pub async fn stop(mut self) {
+        for peer in std::mem::take(&mut self.peers) {
+            peer.shutdown().await.expect("clean shutdown");
+        }
         if let Some(h) = self.handle.take() {
             h.shutdown().await.expect("clean shutdown");
         }
@@ -223,6 +278,9 @@ impl TestNode {
 
     /// Abrupt stop: no close frames, no flush. Returns the data directory, to restart on it.
     pub fn kill(mut self) -> Arc<TempDir> {
+        for peer in std::mem::take(&mut self.peers) {
+            peer.abort();
+        }
         if let Some(h) = self.handle.take() {
             h.abort();
         }
@@ -235,10 +293,14 @@ impl Drop for TestNode {
     /// waits for actix's one-second connection check; tests that check
     /// shutdown call `stop()` themselves).
     fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        for peer in std::mem::take(&mut self.peers) {
+            peer.abort();
+        }
         if let Some(h) = self.handle.take() {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                h.abort();
-            }
+            h.abort();
         }
     }
 }

@@ -212,3 +212,54 @@ async fn a_node_without_the_secret_is_not_admitted() {
         "the intruder sees only itself: {transport:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_down_and_its_keys_move_to_the_others() {
+    let mut cluster = Sandbox::start(3).await;
+    let room = cluster.key_owned_by(2, "room:orphan-");
+    let name = room.trim_start_matches("room:").to_string();
+    let mut alice = cluster.node(0).connect("alice", Encoding::Json).await;
+    alice
+        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .await;
+    alice.ok("room.join", json!({"room": name})).await;
+    let first = alice
+        .ok("room.send", json!({"room": name, "text": "before"}))
+        .await;
+
+    // SIGKILL-like: no leave, no close frames; gossip just stops.
+    let _ = cluster.nodes.remove(2).kill();
+    for node in &cluster.nodes {
+        eventually("the killed node to be down and out of the view", || async {
+            let c = &node.handle().services().cluster;
+            let down = c.members().iter().any(|m| {
+                m.id.as_str() == "node-2" && m.state == chorus_actors::cluster::MemberState::Down
+            });
+            (down && c.view().members().len() == 2).then_some(())
+        })
+        .await;
+    }
+    // The room now has an owner among the survivors, which loads it from the store.
+    let owner = cluster.owner_of(&room);
+    assert!(owner < 2);
+    let mut bob = cluster.node(1).connect("bob", Encoding::MsgPack).await;
+    bob.ok("room.join", json!({"room": name})).await;
+    let after = bob
+        .ok("room.send", json!({"room": name, "text": "after"}))
+        .await;
+    assert_eq!(after["epoch"], first["epoch"]);
+    let h = bob.ok("history", json!({"channel": room})).await;
+    let texts: Vec<&str> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    assert_eq!(texts, vec!["before", "after"]);
+    let m = cluster.node(0).metrics().await;
+    assert_eq!(
+        metric(&m, r#"chorus_cluster_members{state="down"}"#),
+        Some(1.0),
+        "{m}"
+    );
+}

@@ -43,8 +43,8 @@ async fn start(dir: Arc<tempfile::TempDir>, addr: &str, ks: &str) -> TestNode {
     let (addr, ks) = (addr.to_string(), ks.to_string());
     TestNode::start_with(dir, move |c| {
         c.storage.backend = Backend::Scylla;
-        c.storage.scylla.contact_points = vec![addr];
-        c.storage.scylla.keyspace = ks;
+        c.storage.scylla.contact_points = vec![addr.clone()];
+        c.storage.scylla.keyspace = ks.clone();
         c.storage.scylla.request_timeout_ms = 20_000;
         c.storage.scylla.bucket_size = 4;
     })

@@ -97,7 +97,7 @@ impl ClusterConfig {
                 "cluster.window and send_queue must be > 0, max_frame_bytes at least 1024".into(),
             );
         }
-        if !(self.phi_threshold > 0.0) {
+        if self.phi_threshold.is_nan() || self.phi_threshold <= 0.0 {
             return Some("cluster.phi_threshold must be > 0".into());
         }
         None

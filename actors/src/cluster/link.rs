@@ -93,6 +93,7 @@ pub struct PeerMetrics {
 
 pub struct LinkConfig {
     pub me: NodeId,
+    /// Identifies this link (sender incarnation) to the receiver's dedupe.
     pub generation: u64,
     pub window: usize,
     pub queue: usize,

@@ -56,6 +56,8 @@ pub struct Cluster {
     transport: Option<Arc<Transport>>,
     incoming: Mutex<Option<libp2p_stream::IncomingStreams>>,
     links: Mutex<HashMap<NodeId, Arc<Link>>>,
+    /// Numbers this process's links: a start time in microseconds, then +1.
+    next_link: std::sync::atomic::AtomicU64,
     delivered: Delivered,
     pub metrics: ClusterMetrics,
     stop: CancellationToken,
@@ -85,6 +87,7 @@ impl Cluster {
             transport: None,
             incoming: Mutex::new(None),
             links: Mutex::new(HashMap::new()),
+            next_link: std::sync::atomic::AtomicU64::new(generation_now()),
             delivered: Delivered::default(),
             metrics,
             stop: CancellationToken::new(),
@@ -166,6 +169,7 @@ impl Cluster {
             transport: Some(Arc::new(transport)),
             incoming: Mutex::new(Some(incoming)),
             links: Mutex::new(HashMap::new()),
+            next_link: std::sync::atomic::AtomicU64::new(generation_now()),
             delivered: Delivered::default(),
             metrics,
             stop: stop.clone(),
@@ -297,7 +301,12 @@ impl Cluster {
         let link = Arc::new(Link::start(
             LinkConfig {
                 me: self.me.clone(),
-                generation: self.generation,
+                // Unique per link: a link made again (after the peer was
+                // down) numbers from 1, and the peer must not take those
+                // for frames it already has.
+                generation: self
+                    .next_link
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 window: self.config.window,
                 queue: self.config.send_queue,
                 max_frame_bytes: self.config.max_frame_bytes,
@@ -440,6 +449,9 @@ async fn follow_members(
         for m in current.iter() {
             if m.state == MemberState::Down {
                 c.delivered.forget(&m.id, None);
+            } else if m.id != c.me && m.state == MemberState::Up {
+                // Open the link now, so the first request does not pay for the handshake.
+                let _ = c.link(&m.id);
             }
         }
         drop(c);

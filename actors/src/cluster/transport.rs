@@ -30,6 +30,9 @@ use super::gossip::derive_key;
 /// The protocol of peer links.
 pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/chorus/link/1");
 
+/// How long connecting and opening a stream may take before the link retries.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A stream to a peer, as tokio reads it.
 pub type PeerStream = Compat<libp2p::Stream>;
 
@@ -125,15 +128,19 @@ impl Transport {
         self.commands
             .send(Command::Connect { peer, addr, done })
             .map_err(|_| io::Error::other("transport stopped"))?;
-        connected
+        let timed_out =
+            || io::Error::new(io::ErrorKind::TimedOut, "connecting to the peer timed out");
+        tokio::time::timeout(OPEN_TIMEOUT, connected)
             .await
+            .map_err(|_| timed_out())?
             .map_err(|_| io::Error::other("transport stopped"))??;
-        let stream = self
-            .control
-            .clone()
-            .open_stream(peer, LINK_PROTOCOL)
-            .await
-            .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+        let stream = tokio::time::timeout(
+            OPEN_TIMEOUT,
+            self.control.clone().open_stream(peer, LINK_PROTOCOL),
+        )
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
         Ok(stream.compat())
     }
 
@@ -217,5 +224,60 @@ fn fail_waiting(
             io::ErrorKind::ConnectionRefused,
             error.to_string(),
         )));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn transport(secret: &str) -> (Transport, IncomingStreams, Counter) {
+        let refused = Counter::default();
+        let (t, incoming) =
+            Transport::start("127.0.0.1:0".parse().unwrap(), secret, refused.clone())
+                .await
+                .expect("transport starts");
+        (t, incoming, refused)
+    }
+
+    #[tokio::test]
+    async fn only_a_peer_with_the_secret_opens_a_stream() {
+        let secret = "0123456789abcdef-transport";
+        let (server, mut incoming, refused) = transport(secret).await;
+        tokio::spawn(async move {
+            while let Some((_, stream)) = incoming.next().await {
+                let mut s = stream.compat();
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.flush().await;
+                }
+            }
+        });
+        let (friend, _, _) = transport(secret).await;
+        let mut s = friend
+            .open(server.peer_id(), server.listen_addr().clone())
+            .await
+            .expect("same secret: connected");
+        s.write_all(b"hello").await.unwrap();
+        s.flush().await.unwrap();
+        let mut echo = [0u8; 5];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"hello");
+
+        let (stranger, _, _) = transport("another-secret-entirely").await;
+        let r = stranger
+            .open(server.peer_id(), server.listen_addr().clone())
+            .await;
+        assert!(r.is_err(), "a peer without the secret got a stream");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while refused.get() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "refusal not counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
