@@ -1,8 +1,9 @@
 //! The server API (`/api/v1`): what the app's own backend calls.
 //!
-//! Every route needs the `x-api-key` header (compared in constant time).
-//! Errors are `{"error": {"code", "name", "message", "retryable"}}` with an
-//! HTTP status that matches the code.
+//! Every route needs the `x-api-key` header (compared in constant time),
+//! except `GET /api/v1/openapi.json`, the OpenAPI 3.1 document of them all
+//! ([`openapi`]). Errors are `{"error": {"code", "name", "message",
+//! "retryable"}}` with an HTTP status that matches the code.
 
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use chorus_protocol::{
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::api_key_matches;
 use crate::AppState;
@@ -24,27 +26,35 @@ use crate::AppState;
 /// Most users one notification or feed call may address.
 const MAX_RECIPIENTS: usize = 10_000;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::scope("/api/v1")
-            .route("/rooms", web::post().to(create_room))
-            .route("/rooms/{room}", web::get().to(get_room))
-            .route("/rooms/{room}/members", web::post().to(add_member))
-            .route(
-                "/rooms/{room}/members/{user}",
-                web::delete().to(remove_member),
-            )
-            .route("/rooms/{room}/messages", web::post().to(post_message))
-            .route("/rooms/{room}/messages", web::get().to(room_history))
-            .route("/notifications", web::post().to(notify))
-            .route(
-                "/users/{user}/notifications",
-                web::get().to(list_notifications),
-            )
-            .route("/users/{user}/presence", web::get().to(presence))
-            .route("/topics/{topic}/publish", web::post().to(publish_topic))
-            .route("/feeds", web::post().to(publish_feeds)),
-    );
+#[path = "openapi.rs"]
+pub mod openapi;
+
+/// Declares the routes once: [`routes`] registers them and [`ROUTES`] lists
+/// them, so the OpenAPI document's test compares against what is served.
+macro_rules! api_routes {
+    ($($method:ident $path:literal => $handler:path;)*) => {
+        /// `(method, path)` of every route [`routes`] registers, under `/api/v1`.
+        pub const ROUTES: &[(&str, &str)] = &[$((stringify!($method), $path)),*];
+
+        pub fn routes(cfg: &mut web::ServiceConfig) {
+            cfg.service(web::scope("/api/v1")$(.route($path, web::$method().to($handler)))*);
+        }
+    };
+}
+
+api_routes! {
+    post "/rooms" => create_room;
+    get "/rooms/{room}" => get_room;
+    post "/rooms/{room}/members" => add_member;
+    delete "/rooms/{room}/members/{user}" => remove_member;
+    post "/rooms/{room}/messages" => post_message;
+    get "/rooms/{room}/messages" => room_history;
+    post "/notifications" => notify;
+    get "/users/{user}/notifications" => list_notifications;
+    get "/users/{user}/presence" => presence;
+    post "/topics/{topic}/publish" => publish_topic;
+    post "/feeds" => publish_feeds;
+    get "/openapi.json" => openapi::serve;
 }
 
 pub fn status_for(code: ErrorCode) -> StatusCode {
@@ -165,6 +175,29 @@ fn extractor_error(req: &HttpRequest, f: Fail) -> actix_web::Error {
     fail(f).into()
 }
 
+/// A request body: a JSON object read into `T`. serde's derive also reads a
+/// struct from an array, positionally (`[null, "k"]` as `{"data": null,
+/// "client_id": "k"}`); the API documents objects, so anything else is
+/// `invalid_args`.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Fields<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     fail(Fail::new(ErrorCode::InvalidValue, msg))
 }
@@ -175,6 +208,16 @@ fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
     } else {
         Err(bad(format!("invalid {what} id")))
     }
+}
+
+/// `users` without repeats, in the order first given: a user named twice
+/// is notified (or fed) once, not once per mention.
+fn distinct(users: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::with_capacity(users.len());
+    users
+        .into_iter()
+        .filter(|u| seen.insert(u.clone()))
+        .collect()
 }
 
 /// How long the API waits for an actor's reply, so a request never hangs forever.
@@ -195,26 +238,34 @@ async fn wait(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> ApiRes
     wait_value(rx).await.map(|v| HttpResponse::Ok().json(v))
 }
 
-#[derive(Deserialize)]
+/// A new room. Without `room` the node picks an id; a direct room's id is
+/// derived from its two users.
+#[derive(Deserialize, ToSchema)]
 struct CreateRoom {
+    /// Not starting with `dm:` (reserved for direct rooms).
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     room: Option<String>,
+    #[schema(value_type = openapi::RoomKind)]
     kind: RoomKind,
     #[serde(default)]
     name: Option<String>,
     /// The room's owner (for direct rooms: one of the two users).
+    #[schema(value_type = openapi::Id)]
     created_by: String,
+    /// The other members (for a direct room: exactly one).
     #[serde(default)]
+    #[schema(value_type = Vec<openapi::Id>)]
     members: Vec<String>,
 }
 
 async fn create_room(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CreateRoom>,
+    body: web::Json<Object<CreateRoom>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     check_id("user", &b.created_by)?;
     for m in &b.members {
         check_id("member", m)?;
@@ -282,8 +333,9 @@ async fn get_room(
     Ok(HttpResponse::Ok().json(json!({"room": room, "members": members})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddMember {
+    #[schema(value_type = openapi::Id)]
     user: String,
 }
 
@@ -291,7 +343,7 @@ async fn add_member(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<AddMember>,
+    body: web::Json<Object<AddMember>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
@@ -299,7 +351,7 @@ async fn add_member(
     let (replier, rx) = Replier::waiter();
     let msg = room::Invite {
         by: None,
-        user: body.into_inner().user,
+        user: body.into_inner().0.user,
         replier,
     };
     state
@@ -318,6 +370,7 @@ async fn remove_member(
     check_key(&req, &state)?;
     let (id, user) = path.into_inner();
     check_id("room", &id)?;
+    check_id("user", &user)?;
     let (replier, rx) = Replier::waiter();
     state
         .services
@@ -334,17 +387,22 @@ async fn remove_member(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PostMessage {
     /// The author shown to clients (the server API may post as any user, or as nobody).
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     sender: Option<String>,
+    /// At most `limits.max_text_bytes` bytes (UTF-8).
     text: String,
     #[serde(default)]
     attachments: Option<Value>,
+    /// The offset of the message this one answers.
     #[serde(default)]
     reply_to: Option<u64>,
+    /// Idempotency key, per sender: the same one again stores nothing new.
     #[serde(default)]
+    #[schema(value_type = Option<openapi::ClientId>)]
     client_id: Option<String>,
 }
 
@@ -352,12 +410,12 @@ async fn post_message(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<PostMessage>,
+    body: web::Json<Object<PostMessage>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let id = path.into_inner();
     check_id("room", &id)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     if let Some(s) = &b.sender {
         check_id("sender", s)?;
     }
@@ -384,10 +442,14 @@ async fn post_message(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// Entries before this offset (newest first page when absent).
     before: Option<u64>,
+    /// Entries after this offset, oldest first (wins over `before`).
     after: Option<u64>,
+    /// Page size, clamped to 1..=`limits.max_page` (default 50).
     limit: Option<usize>,
 }
 
@@ -409,20 +471,28 @@ async fn room_history(
     Ok(HttpResponse::Ok().json(page))
 }
 
-#[derive(Deserialize)]
+/// A notification for `user`, `users` or both (1..=10,000 recipients in all).
+#[derive(Deserialize, ToSchema)]
 struct NotifyBody {
     #[serde(default)]
+    #[schema(value_type = Option<openapi::Id>)]
     user: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Vec<openapi::Id>, max_items = 10_000)]
     users: Vec<String>,
+    /// 1..=128 bytes.
     #[serde(rename = "type")]
+    #[schema(min_length = 1, max_length = 128)]
     kind: String,
+    /// At most 1024 bytes.
+    #[schema(max_length = 1024)]
     title: String,
     #[serde(default)]
     body: Option<String>,
     #[serde(default)]
     data: Option<Value>,
     #[serde(default = "normal")]
+    #[schema(value_type = openapi::Priority)]
     priority: Priority,
     #[serde(default)]
     category: Option<String>,
@@ -440,10 +510,10 @@ fn normal() -> Priority {
 async fn notify(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<NotifyBody>,
+    body: web::Json<Object<NotifyBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     let mut users = b.users;
     users.extend(b.user);
     if users.is_empty() || users.len() > MAX_RECIPIENTS {
@@ -454,6 +524,7 @@ async fn notify(
     for u in &users {
         check_id("user", u)?;
     }
+    let users = distinct(users);
     if b.title.len() > 1024 || b.kind.is_empty() || b.kind.len() > 128 {
         return Err(bad("`type` must be 1..=128 bytes and `title` at most 1024"));
     }
@@ -494,9 +565,12 @@ async fn notify(
     Ok(HttpResponse::Ok().json(json!({"ids": ids})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Notifications older than this id.
     before: Option<u64>,
+    /// Page size, clamped to 1..=999 (default 50).
     limit: Option<usize>,
     #[serde(default)]
     unread_only: bool,
@@ -531,10 +605,13 @@ async fn presence(
     Ok(HttpResponse::Ok().json(p))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct PublishBody {
+    /// Any JSON value (`null` included); it must be present.
     data: Value,
+    /// Idempotency key: the same one again stores nothing new.
     #[serde(default)]
+    #[schema(value_type = Option<openapi::ClientId>)]
     client_id: Option<String>,
 }
 
@@ -556,12 +633,12 @@ async fn publish_topic(
     req: HttpRequest,
     state: web::Data<AppState>,
     path: web::Path<String>,
-    body: web::Json<PublishBody>,
+    body: web::Json<Object<PublishBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
     let topic = path.into_inner();
     check_id("topic", &topic)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     let (replier, rx) = Replier::waiter();
     state
         .services
@@ -574,8 +651,9 @@ async fn publish_topic(
     wait(rx).await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct FeedsBody {
+    #[schema(value_type = Vec<openapi::Id>, min_items = 1, max_items = 10_000)]
     users: Vec<String>,
     data: Value,
 }
@@ -583,18 +661,19 @@ struct FeedsBody {
 async fn publish_feeds(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<FeedsBody>,
+    body: web::Json<Object<FeedsBody>>,
 ) -> ApiResult {
     check_key(&req, &state)?;
-    let b = body.into_inner();
+    let b = body.into_inner().0;
     if b.users.is_empty() || b.users.len() > MAX_RECIPIENTS {
         return Err(bad(format!("`users` must name 1..={MAX_RECIPIENTS} users")));
     }
     for u in &b.users {
         check_id("user", u)?;
     }
-    let mut waits = Vec::with_capacity(b.users.len());
-    for u in &b.users {
+    let users = distinct(b.users);
+    let mut waits = Vec::with_capacity(users.len());
+    for u in &users {
         let (replier, rx) = Replier::waiter();
         state
             .services
@@ -628,12 +707,12 @@ pub fn decode_inputs(input: &[u8]) -> Vec<&'static str> {
     }
     let q = std::str::from_utf8(input).ok();
     [
-        ("CreateRoom", body::<CreateRoom>(input)),
-        ("AddMember", body::<AddMember>(input)),
-        ("PostMessage", body::<PostMessage>(input)),
-        ("NotifyBody", body::<NotifyBody>(input)),
-        ("PublishBody", body::<PublishBody>(input)),
-        ("FeedsBody", body::<FeedsBody>(input)),
+        ("CreateRoom", body::<Object<CreateRoom>>(input)),
+        ("AddMember", body::<Object<AddMember>>(input)),
+        ("PostMessage", body::<Object<PostMessage>>(input)),
+        ("NotifyBody", body::<Object<NotifyBody>>(input)),
+        ("PublishBody", body::<Object<PublishBody>>(input)),
+        ("FeedsBody", body::<Object<FeedsBody>>(input)),
         ("HistoryQuery", query::<HistoryQuery>(q)),
         ("ListQuery", query::<ListQuery>(q)),
     ]
