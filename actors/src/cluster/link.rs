@@ -75,8 +75,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Resu
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
-    rmp_serde::from_slice(&body)
-        .map(Some)
+    decode_frame(&body).map(Some)
+}
+
+/// One frame's body (after its length prefix), as a peer sent it.
+pub fn decode_frame(body: &[u8]) -> io::Result<Frame> {
+    rmp_serde::from_slice(body)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
 }
 
