@@ -26,9 +26,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::hub::{ConnAddr, ConnId, ConnSink, PushError, Register, Unregister};
-use crate::room::{self, new_epoch};
+use crate::room::{self, new_epoch, RoomActor};
 use crate::services::{Replier, Services};
-use crate::user;
+use crate::user::{self, UserActor};
 use crate::{Claims, Fail};
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
@@ -141,13 +141,16 @@ impl Actor for ConnActor {
             let unsubscribe = room::Unsubscribe {
                 conn: self.addr.clone(),
             };
-            let _ = self.svc.tell_room_if_active(&channel, unsubscribe).await;
+            let _ = self
+                .svc
+                .tell_if_active::<RoomActor, _>(&channel, unsubscribe)
+                .await;
         }
         for u in std::mem::take(&mut self.watching) {
             let unwatch = user::Unwatch {
                 conn: self.addr.clone(),
             };
-            let _ = self.svc.tell_user_if_active(&u, unwatch).await;
+            let _ = self.svc.ask_if_active::<UserActor, _, _>(&u, unwatch).await;
         }
         let _ = self
             .svc
@@ -505,7 +508,7 @@ impl ConnActor {
                         let unsubscribe = room::Unsubscribe {
                             conn: self.addr.clone(),
                         };
-                        let _ = svc.tell_room_if_active(&key, unsubscribe).await;
+                        let _ = svc.tell_if_active::<RoomActor, _>(&key, unsubscribe).await;
                         Ok(json!({"channel": key}))
                     } else {
                         Err(Fail::new(
@@ -610,7 +613,9 @@ impl ConnActor {
                         let unwatch = user::Unwatch {
                             conn: self.addr.clone(),
                         };
-                        let _ = svc.tell_user_if_active(&u, unwatch).await;
+                        // Asked, not told: once the reply is sent no push
+                        // from that user follows, whichever node owns it.
+                        let _ = svc.ask_if_active::<UserActor, _, _>(&u, unwatch).await;
                     }
                 }
                 Ok(json!({"watching": self.watching.len()}))

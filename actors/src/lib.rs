@@ -32,6 +32,7 @@ pub mod config;
 pub mod conn;
 pub mod error;
 pub mod hub;
+pub mod log;
 pub mod metrics;
 pub mod placement;
 pub mod remote;

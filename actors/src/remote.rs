@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::hub::{ConnAddr, ConnId, Deliver, SendTo, Subscribe, Unsubscribe};
-use crate::placement::NodeId;
+use crate::placement::{ActorKind, NodeId, Placed};
 use crate::services::{Replier, Services};
 use crate::{room, user, Fail};
 
@@ -54,9 +54,10 @@ pub enum PeerMsg {
     },
 }
 
-/// A message for the actor of `key`.
+/// A message for the actor of `kind` and `key`.
 #[derive(Serialize, Deserialize)]
 pub struct Envelope {
+    pub kind: ActorKind,
     pub key: String,
     pub msg: ActorMsg,
     pub hops: u8,
@@ -106,6 +107,17 @@ macro_rules! wire {
             fn into_msg(self) -> ActorMsg { ActorMsg::$ua(self) }
         })*
 
+        impl ActorMsg {
+            /// The replier inside a tell, to answer it from here.
+            fn into_replier(self) -> Option<Replier> {
+                match self {
+                    $(ActorMsg::$rt(mut m) => m.replier().map(|r| std::mem::replace(r, Replier::None)),)*
+                    $(ActorMsg::$ut(mut m) => m.replier().map(|r| std::mem::replace(r, Replier::None)),)*
+                    _ => None,
+                }
+            }
+        }
+
         impl Services {
             /// Runs an actor message that arrived from another node, here.
             async fn run_here(self: &Arc<Self>, e: Envelope) {
@@ -113,14 +125,14 @@ macro_rules! wire {
                 match msg {
                     $(ActorMsg::$rt(m) => {
                         let _ = if if_active {
-                            self.tell_room_if_active_here(&key, m).await
+                            self.tell_if_active_here::<room::RoomActor, _>(&key, m).await
                         } else {
                             self.tell_local::<room::RoomActor, _>(&key, m).await
                         };
                     })*
                     $(ActorMsg::$ra(m) => {
                         let r = if if_active {
-                            self.ask_room_if_active_here(&key, m).await.map(|v| to_json(&v))
+                            self.ask_if_active_here::<room::RoomActor, _, _>(&key, m).await.map(|v| to_json(&v))
                         } else {
                             self.ask_local::<room::RoomActor, _, _>(&key, m).await.map(|v| to_json(&v))
                         };
@@ -128,14 +140,14 @@ macro_rules! wire {
                     })*
                     $(ActorMsg::$ut(m) => {
                         let _ = if if_active {
-                            self.tell_user_if_active_here(&key, m).await
+                            self.tell_if_active_here::<user::UserActor, _>(&key, m).await
                         } else {
                             self.tell_local::<user::UserActor, _>(&key, m).await
                         };
                     })*
                     $(ActorMsg::$ua(m) => {
                         let r = if if_active {
-                            self.ask_user_if_active_here(&key, m).await.map(|v| to_json(&v))
+                            self.ask_if_active_here::<user::UserActor, _, _>(&key, m).await.map(|v| to_json(&v))
                         } else {
                             self.ask_local::<user::UserActor, _, _>(&key, m).await.map(|v| to_json(&v))
                         };
@@ -154,8 +166,8 @@ wire! {
         Subscribe, Unsubscribe
     ],
     room ask: [Members, Authorize, Typing, Summary],
-    user tell: [Disconnected, Activity, Unwatch, Notify + replier],
-    user ask: [Connected, SetPresence, Watch, Query, MarkRead, SetPrefs],
+    user tell: [Disconnected, Activity, Notify + replier],
+    user ask: [Connected, SetPresence, Watch, Unwatch, Query, MarkRead, SetPrefs],
 }
 
 fn to_json<T: Serialize>(v: &T) -> Value {
@@ -328,7 +340,7 @@ impl Services {
     }
 
     /// Sends a tell to the owner of `key` on `node`.
-    pub(crate) async fn tell_remote<M: Wire>(
+    pub(crate) async fn tell_remote<A: Placed, M: Wire>(
         self: &Arc<Self>,
         node: &NodeId,
         key: &str,
@@ -337,6 +349,7 @@ impl Services {
     ) -> Result<(), Fail> {
         self.make_remote(&mut msg);
         let envelope = Envelope {
+            kind: A::KIND,
             key: key.to_string(),
             msg: msg.into_msg(),
             hops: 0,
@@ -347,7 +360,7 @@ impl Services {
     }
 
     /// Asks the owner of `key` on `node`; the answer comes back as JSON.
-    pub(crate) async fn ask_remote<M: Wire, T: DeserializeOwned>(
+    pub(crate) async fn ask_remote<A: Placed, M: Wire, T: DeserializeOwned>(
         self: &Arc<Self>,
         node: &NodeId,
         key: &str,
@@ -356,6 +369,7 @@ impl Services {
     ) -> Result<T, Fail> {
         let (corr, rx) = self.expect_answer();
         let envelope = Envelope {
+            kind: A::KIND,
             key: key.to_string(),
             msg: msg.into_msg(),
             hops: 0,
@@ -421,19 +435,7 @@ impl Services {
     }
 
     async fn on_envelope(self: &Arc<Self>, mut e: Envelope) {
-        let placement_key = match &e.msg {
-            ActorMsg::Connected(_)
-            | ActorMsg::Disconnected(_)
-            | ActorMsg::Activity(_)
-            | ActorMsg::Unwatch(_)
-            | ActorMsg::Notify(_)
-            | ActorMsg::SetPresence(_)
-            | ActorMsg::Watch(_)
-            | ActorMsg::Query(_)
-            | ActorMsg::MarkRead(_)
-            | ActorMsg::SetPrefs(_) => crate::placement::user_key(&e.key),
-            _ => e.key.clone(),
-        };
+        let placement_key = e.kind.placement_key(&e.key);
         let owner = self.cluster.owner(&placement_key);
         if self.cluster.is_me(&owner) {
             // Asks are answered from a task of their own: the link keeps
@@ -452,7 +454,7 @@ impl Services {
                 "the cluster is changing owners for this key, retry",
             );
             self.answer(e.reply.take(), Err(fail.clone())).await;
-            if let Some(r) = envelope_replier(e.msg) {
+            if let Some(r) = e.msg.into_replier() {
                 r.send(self, Err(fail)).await;
             }
             return;
@@ -461,22 +463,6 @@ impl Services {
         if let Err(f) = self.forward(&owner, e).await {
             tracing::debug!(%owner, error = %f, "forwarding failed");
         }
-    }
-}
-
-/// The replier inside a tell, to refuse it.
-fn envelope_replier(msg: ActorMsg) -> Option<Replier> {
-    match msg {
-        ActorMsg::Create(m) => Some(m.replier),
-        ActorMsg::Join(m) => Some(m.replier),
-        ActorMsg::Leave(m) => Some(m.replier),
-        ActorMsg::Invite(m) => Some(m.replier),
-        ActorMsg::Kick(m) => Some(m.replier),
-        ActorMsg::Publish(m) => Some(m.replier),
-        ActorMsg::Edit(m) => Some(m.replier),
-        ActorMsg::Read(m) => Some(m.replier),
-        ActorMsg::Notify(m) => Some(m.replier),
-        _ => None,
     }
 }
 
@@ -493,6 +479,7 @@ mod tests {
         };
         vec![
             PeerMsg::Actor(Envelope {
+                kind: ActorKind::Room,
                 key: "room:lobby".into(),
                 msg: ActorMsg::Typing(room::Typing {
                     user: "alice".into(),
@@ -502,6 +489,7 @@ mod tests {
                 reply: Some((NodeId::new("node-2"), 42)),
             }),
             PeerMsg::Actor(Envelope {
+                kind: ActorKind::Room,
                 key: "room:lobby".into(),
                 msg: ActorMsg::Unsubscribe(room::Unsubscribe { conn: conn.clone() }),
                 hops: 1,

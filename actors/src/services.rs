@@ -1,18 +1,8 @@
-//! What every actor shares, and the placement layer.
-//!
-//! Rooms and users are virtual actors: [`Services::room`] / [`Services::user`]
-//! return the running actor for a key, activating it (on the actor runtime)
-//! when there is none. An idle actor removes itself from the registry and then
-//! stops *gracefully*, so whatever was already in its mailbox is still handled;
-//! a sender that races with that stop gets its message back
-//! (`SendError::ActorNotRunning`) and [`Services::ask_room`] & co. retry it on
-//! a fresh activation. Nothing outside this module keeps an `ActorRef` to a
-//! room or user across calls.
-//!
-//! Placement sits in front of every call: a key owned by this node (in its
-//! view, see [`crate::placement`]) is a local kameo tell or ask; a key owned
-//! elsewhere goes to the owner over the peer link ([`crate::remote`]), and
-//! its reply comes back the same way.
+//! What every actor of a node shares: the store, config, metrics, the hub,
+//! the cluster, the registries of its virtual actors, and where a reply goes
+//! ([`Replier`]). Reaching the actor of a key, wherever it lives, is
+//! [`crate::placement::dispatch`]; the calls here (`tell_room`, `ask_user`,
+//! …) are its typed entry points, plus the reads that need no actor.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,13 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_protocol::ops::{HistoryPage, NotifPage};
-use chorus_protocol::{now_ms, ErrorCode, Presence, Reply, ServerFrame, SharedFrame, Status};
+use chorus_protocol::{now_ms, Presence, Reply, ServerFrame, SharedFrame, Status};
 use chorus_storage::Store;
 use kameo::actor::{ActorRef, Spawn};
-use kameo::error::SendError;
 use kameo::mailbox;
 use kameo::message::Message;
-use kameo::Actor;
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -35,69 +23,11 @@ use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
 use crate::hub::{ConnAddr, ConnId, Hub};
-use crate::placement::{user_key, NodeId};
+use crate::placement::{NodeId, Registry};
 use crate::remote::{PeerMsg, Wire};
 use crate::room::RoomActor;
 use crate::user::UserActor;
 use crate::{ActorConfig, Fail, Metrics, TokenVerifier};
-
-/// How often a message is retried against a fresh activation.
-const ACTIVATION_RETRIES: usize = 5;
-
-#[doc(hidden)]
-pub struct Registry<A: Actor> {
-    map: Mutex<HashMap<String, ActorRef<A>>>,
-}
-
-impl<A: Actor> Registry<A> {
-    fn new() -> Self {
-        Registry {
-            map: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn get_or_spawn(&self, key: &str, spawn: impl FnOnce() -> ActorRef<A>) -> ActorRef<A> {
-        let mut map = self.map.lock();
-        if let Some(r) = map.get(key) {
-            if r.is_alive() {
-                return r.clone();
-            }
-        }
-        let r = spawn();
-        map.insert(key.to_string(), r.clone());
-        r
-    }
-
-    fn get(&self, key: &str) -> Option<ActorRef<A>> {
-        self.map.lock().get(key).filter(|r| r.is_alive()).cloned()
-    }
-
-    /// Removes `key` only if it still maps to `actor` (a newer activation stays).
-    fn remove_if(&self, key: &str, actor: &ActorRef<A>) -> bool {
-        let mut map = self.map.lock();
-        if map.get(key).is_some_and(|r| r.id() == actor.id()) {
-            map.remove(key);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Removes and returns the activations whose key fails `keep`.
-    fn take_unless(&self, keep: impl Fn(&str) -> bool) -> Vec<ActorRef<A>> {
-        let mut map = self.map.lock();
-        let gone: Vec<String> = map.keys().filter(|k| !keep(k)).cloned().collect();
-        gone.iter().filter_map(|k| map.remove(k)).collect()
-    }
-
-    fn len(&self) -> usize {
-        self.map.lock().len()
-    }
-
-    fn drain(&self) -> Vec<ActorRef<A>> {
-        self.map.lock().drain().map(|(_, r)| r).collect()
-    }
-}
 
 /// Where a room sends a request's reply: a connection (through its node's
 /// hub, so it is ordered with that room's pushes), a caller waiting
@@ -165,10 +95,10 @@ pub struct Services {
     pub hub: ActorRef<Hub>,
     runtime: tokio::runtime::Handle,
     pub cluster: Arc<Cluster>,
-    rooms: Registry<RoomActor>,
-    users: Registry<UserActor>,
+    pub(crate) rooms: Registry<RoomActor>,
+    pub(crate) users: Registry<UserActor>,
     next_conn: AtomicU64,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     /// Callers waiting on another node's answer, by correlation id.
     pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, Fail>>>>,
     pub(crate) next_corr: AtomicU64,
@@ -199,8 +129,8 @@ impl Services {
             hub,
             runtime,
             cluster,
-            rooms: Registry::new(),
-            users: Registry::new(),
+            rooms: Registry::default(),
+            users: Registry::default(),
             next_conn: AtomicU64::new(1),
             stopping: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
@@ -226,56 +156,13 @@ impl Services {
         self.stopping.load(Ordering::Relaxed)
     }
 
-    /// The running room actor for `key` (`room:42`, `topic:x`, `feed:u`), activated if needed.
-    pub fn room(self: &Arc<Self>, key: &str) -> ActorRef<RoomActor> {
-        self.rooms.get_or_spawn(key, || {
-            let _guard = self.runtime.enter();
-            RoomActor::spawn_with_mailbox(
-                (self.clone(), key.to_string()),
-                mailbox::bounded(self.config.mailbox),
-            )
-        })
-    }
-
-    /// The room actor for `key` if it is running here (never activates one).
-    pub fn room_if_active(&self, key: &str) -> Option<ActorRef<RoomActor>> {
-        self.rooms.get(key)
-    }
-
-    pub fn user(self: &Arc<Self>, user: &str) -> ActorRef<UserActor> {
-        self.users.get_or_spawn(user, || {
-            let _guard = self.runtime.enter();
-            UserActor::spawn_with_mailbox(
-                (self.clone(), user.to_string()),
-                mailbox::bounded(self.config.mailbox),
-            )
-        })
-    }
-
-    pub fn user_if_active(&self, user: &str) -> Option<ActorRef<UserActor>> {
-        self.users.get(user)
-    }
-
-    /// Removes an idle actor from the registry, then stops it after its mailbox drains.
-    pub(crate) fn passivate_room(&self, key: &str, me: &ActorRef<RoomActor>) {
-        if self.rooms.remove_if(key, me) {
-            stop_later(me.clone());
-        }
-    }
-
-    pub(crate) fn passivate_user(&self, user: &str, me: &ActorRef<UserActor>) {
-        if self.users.remove_if(user, me) {
-            stop_later(me.clone());
-        }
-    }
-
     /// Sends `msg` to the room's owner, retrying on a fresh activation if the actor was stopping.
     pub async fn tell_room<M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
     where
         RoomActor: Message<M, Reply = ()>,
         M: Wire,
     {
-        self.tell_placed::<RoomActor, M>(key, msg).await
+        self.tell::<RoomActor, M>(key, msg).await
     }
 
     /// Asks the room's owner, retrying on a fresh activation if the actor was stopping.
@@ -285,7 +172,7 @@ impl Services {
         M: Wire,
         T: Serialize + DeserializeOwned + Send + 'static,
     {
-        self.ask_placed::<RoomActor, M, T>(key, msg).await
+        self.ask::<RoomActor, M, T>(key, msg).await
     }
 
     pub async fn tell_user<M>(self: &Arc<Self>, user: &str, msg: M) -> Result<(), Fail>
@@ -293,7 +180,7 @@ impl Services {
         UserActor: Message<M, Reply = ()>,
         M: Wire,
     {
-        self.tell_placed::<UserActor, M>(user, msg).await
+        self.tell::<UserActor, M>(user, msg).await
     }
 
     pub async fn ask_user<M, T>(self: &Arc<Self>, user: &str, msg: M) -> Result<T, Fail>
@@ -302,192 +189,7 @@ impl Services {
         M: Wire,
         T: Serialize + DeserializeOwned + Send + 'static,
     {
-        self.ask_placed::<UserActor, M, T>(user, msg).await
-    }
-
-    /// Tells the room only if it is running at its owner (never activates it).
-    pub async fn tell_room_if_active<M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
-    where
-        RoomActor: Message<M, Reply = ()>,
-        M: Wire,
-    {
-        let owner = self.cluster.owner(key);
-        if self.cluster.is_me(&owner) {
-            self.tell_room_if_active_here(key, msg).await
-        } else {
-            self.tell_remote(&owner, key, msg, true).await
-        }
-    }
-
-    pub async fn tell_user_if_active<M>(self: &Arc<Self>, user: &str, msg: M) -> Result<(), Fail>
-    where
-        UserActor: Message<M, Reply = ()>,
-        M: Wire,
-    {
-        let owner = self.cluster.owner(&user_key(user));
-        if self.cluster.is_me(&owner) {
-            self.tell_user_if_active_here(user, msg).await
-        } else {
-            self.tell_remote(&owner, user, msg, true).await
-        }
-    }
-
-    /// Asks the user actor only if it is running at its owner: `None` if not.
-    pub async fn ask_user_if_active<M, T>(
-        self: &Arc<Self>,
-        user: &str,
-        msg: M,
-    ) -> Result<Option<T>, Fail>
-    where
-        UserActor: Message<M, Reply = Result<T, Fail>>,
-        M: Wire,
-        T: Serialize + DeserializeOwned + Send + 'static,
-    {
-        let owner = self.cluster.owner(&user_key(user));
-        if self.cluster.is_me(&owner) {
-            self.ask_user_if_active_here(user, msg).await
-        } else {
-            self.ask_remote(&owner, user, msg, true).await
-        }
-    }
-
-    pub(crate) async fn tell_room_if_active_here<M>(&self, key: &str, msg: M) -> Result<(), Fail>
-    where
-        RoomActor: Message<M, Reply = ()>,
-        M: Send + 'static,
-    {
-        match self.rooms.get(key) {
-            Some(r) => r.tell(msg).await.map_err(send_failed),
-            None => Ok(()),
-        }
-    }
-
-    pub(crate) async fn tell_user_if_active_here<M>(&self, user: &str, msg: M) -> Result<(), Fail>
-    where
-        UserActor: Message<M, Reply = ()>,
-        M: Send + 'static,
-    {
-        match self.users.get(user) {
-            Some(r) => r.tell(msg).await.map_err(send_failed),
-            None => Ok(()),
-        }
-    }
-
-    pub(crate) async fn ask_room_if_active_here<M, T>(
-        &self,
-        key: &str,
-        msg: M,
-    ) -> Result<Option<T>, Fail>
-    where
-        RoomActor: Message<M, Reply = Result<T, Fail>>,
-        M: Send + 'static,
-        T: Send + 'static,
-    {
-        match self.rooms.get(key) {
-            Some(r) => match r.ask(msg).await {
-                Ok(v) => Ok(Some(v)),
-                Err(SendError::HandlerError(f)) => Err(f),
-                Err(e) => Err(send_failed(e)),
-            },
-            None => Ok(None),
-        }
-    }
-
-    pub(crate) async fn ask_user_if_active_here<M, T>(
-        &self,
-        user: &str,
-        msg: M,
-    ) -> Result<Option<T>, Fail>
-    where
-        UserActor: Message<M, Reply = Result<T, Fail>>,
-        M: Send + 'static,
-        T: Send + 'static,
-    {
-        match self.users.get(user) {
-            Some(r) => match r.ask(msg).await {
-                Ok(v) => Ok(Some(v)),
-                Err(SendError::HandlerError(f)) => Err(f),
-                Err(e) => Err(send_failed(e)),
-            },
-            None => Ok(None),
-        }
-    }
-
-    async fn tell_placed<A, M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
-    where
-        A: Placed + Message<M, Reply = ()>,
-        M: Wire,
-    {
-        let owner = self.cluster.owner(&A::placement_key(key));
-        if self.cluster.is_me(&owner) {
-            self.tell_local::<A, M>(key, msg).await
-        } else {
-            self.tell_remote(&owner, key, msg, false).await
-        }
-    }
-
-    async fn ask_placed<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
-    where
-        A: Placed + Message<M, Reply = Result<T, Fail>>,
-        M: Wire,
-        T: Serialize + DeserializeOwned + Send + 'static,
-    {
-        let owner = self.cluster.owner(&A::placement_key(key));
-        if self.cluster.is_me(&owner) {
-            self.ask_local::<A, M, T>(key, msg).await
-        } else {
-            self.ask_remote(&owner, key, msg, false).await
-        }
-    }
-
-    /// Tells the actor of `key` on this node (activating it).
-    pub(crate) async fn tell_local<A, M>(self: &Arc<Self>, key: &str, msg: M) -> Result<(), Fail>
-    where
-        A: Placed + Message<M, Reply = ()>,
-        M: Send + 'static,
-    {
-        let mut msg = msg;
-        for _ in 0..ACTIVATION_RETRIES {
-            let r = A::activate(self, key);
-            match r.tell(msg).await {
-                Ok(()) => return Ok(()),
-                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    A::registry(self).remove_if(key, &r);
-                    msg = m;
-                }
-                Err(e) => return Err(send_failed(e)),
-            }
-        }
-        Err(Fail::new(
-            ErrorCode::Overloaded,
-            "actor is restarting, retry",
-        ))
-    }
-
-    /// Asks the actor of `key` on this node (activating it).
-    pub(crate) async fn ask_local<A, M, T>(self: &Arc<Self>, key: &str, msg: M) -> Result<T, Fail>
-    where
-        A: Placed + Message<M, Reply = Result<T, Fail>>,
-        M: Send + 'static,
-        T: Send + 'static,
-    {
-        let mut msg = msg;
-        for _ in 0..ACTIVATION_RETRIES {
-            let r = A::activate(self, key);
-            match r.ask(msg).await {
-                Ok(v) => return Ok(v),
-                Err(SendError::HandlerError(f)) => return Err(f),
-                Err(SendError::ActorNotRunning(m)) | Err(SendError::ActorRestarting(m)) => {
-                    A::registry(self).remove_if(key, &r);
-                    msg = m;
-                }
-                Err(e) => return Err(send_failed(e)),
-            }
-        }
-        Err(Fail::new(
-            ErrorCode::Overloaded,
-            "actor is restarting, retry",
-        ))
+        self.ask::<UserActor, M, T>(user, msg).await
     }
 
     /// A page of a channel's history as `user` may see it (`None`: the server
@@ -559,7 +261,10 @@ impl Services {
     /// A user's presence without activating their actor: no running actor
     /// means no connection, so the user is offline since their `last_seen`.
     pub async fn presence_of(self: &Arc<Self>, user: &str) -> Result<Presence, Fail> {
-        if let Ok(Some(p)) = self.ask_user_if_active(user, crate::user::Query).await {
+        if let Ok(Some(p)) = self
+            .ask_if_active::<UserActor, _, _>(user, crate::user::Query)
+            .await
+        {
             return Ok(p);
         }
         let last_seen = self.store.last_seen(user).await?;
@@ -576,15 +281,7 @@ impl Services {
     /// no longer owns (the view changed): their next message activates them
     /// at the new owner, which loads from the shared store. Returns how many.
     pub fn hand_over_moved_keys(&self) -> usize {
-        let cluster = &self.cluster;
-        let rooms = self.rooms.take_unless(|k| cluster.is_me(&cluster.owner(k)));
-        let users = self
-            .users
-            .take_unless(|u| cluster.is_me(&cluster.owner(&user_key(u))));
-        let n = rooms.len() + users.len();
-        rooms.into_iter().for_each(stop_later);
-        users.into_iter().for_each(stop_later);
-        n
+        self.hand_over::<RoomActor>() + self.hand_over::<UserActor>()
     }
 
     /// Active (rooms, users) on this node.
@@ -592,87 +289,11 @@ impl Services {
         (self.rooms.len(), self.users.len())
     }
 
-    /// Stops every room and user actor after its mailbox drains (in-flight
-    /// appends complete and are acknowledged), waiting at most `timeout`.
-    /// Returns how many actors did not stop in time.
+    /// Stops every room, then every user actor, after its mailbox drains:
+    /// a room's in-flight and queued writes complete and are acknowledged.
+    /// Waits at most `timeout` for each kind; returns how many did not stop.
     pub async fn stop_actors(&self, timeout: Duration) -> usize {
         self.stopping.store(true, Ordering::Relaxed);
-        let rooms = self.rooms.drain();
-        let users = self.users.drain();
-        for r in &rooms {
-            let _ = r.stop_gracefully().await;
-        }
-        for u in &users {
-            let _ = u.stop_gracefully().await;
-        }
-        let wait = async {
-            for r in &rooms {
-                r.wait_for_shutdown().await;
-            }
-            for u in &users {
-                u.wait_for_shutdown().await;
-            }
-        };
-        if tokio::time::timeout(timeout, wait).await.is_ok() {
-            return 0;
-        }
-        rooms.iter().filter(|r| r.is_alive()).count()
-            + users.iter().filter(|u| u.is_alive()).count()
-    }
-}
-
-/// A virtual actor kind: where its activations are registered, how one
-/// starts, and the key placement hashes.
-pub trait Placed: Actor {
-    #[doc(hidden)]
-    fn registry(svc: &Services) -> &Registry<Self>;
-    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self>;
-    /// The key whose HRW winner owns the actor of `key`.
-    fn placement_key(key: &str) -> String;
-}
-
-impl Placed for RoomActor {
-    fn registry(svc: &Services) -> &Registry<Self> {
-        &svc.rooms
-    }
-    fn placement_key(key: &str) -> String {
-        key.to_string()
-    }
-    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
-        svc.room(key)
-    }
-}
-
-impl Placed for UserActor {
-    fn registry(svc: &Services) -> &Registry<Self> {
-        &svc.users
-    }
-    fn placement_key(user: &str) -> String {
-        user_key(user)
-    }
-    fn activate(svc: &Arc<Services>, key: &str) -> ActorRef<Self> {
-        svc.user(key)
-    }
-}
-
-fn stop_later<A: Actor>(actor: ActorRef<A>) {
-    // Not awaited here: the actor calling this may have a full mailbox.
-    tokio::spawn(async move {
-        let _ = actor.stop_gracefully().await;
-    });
-}
-
-fn send_failed<M, E: std::fmt::Debug>(e: SendError<M, E>) -> Fail {
-    match e {
-        SendError::MailboxFull(_) | SendError::Timeout(_) => {
-            Fail::new(ErrorCode::Overloaded, "server busy, retry")
-        }
-        SendError::ActorStopped => {
-            Fail::new(ErrorCode::StoreUnavailable, "could not load state, retry")
-        }
-        other => {
-            tracing::error!(error = ?other.map_msg(|_| ()), "actor send failed");
-            Fail::new(ErrorCode::Internal, "internal error")
-        }
+        self.stop_all::<RoomActor>(timeout).await + self.stop_all::<UserActor>(timeout).await
     }
 }

@@ -20,13 +20,15 @@ use chorus_protocol::{
     ServerFrame, SharedFrame, Status,
 };
 use chorus_storage::StorageError;
-use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::error::ActorStopReason;
+use kameo::mailbox;
 use kameo::message::{Context, Message};
 use kameo::Actor;
 use serde_json::{json, Value};
 
 use crate::hub::ConnAddr;
+use crate::placement::{ActorKind, Placed, Registry};
 use crate::services::{Replier, Services};
 use crate::Fail;
 
@@ -374,9 +376,10 @@ impl Message<Watch> for UserActor {
 }
 
 impl Message<Unwatch> for UserActor {
-    type Reply = ();
-    async fn handle(&mut self, m: Unwatch, _: &mut Context<Self, ()>) {
+    type Reply = Result<(), Fail>;
+    async fn handle(&mut self, m: Unwatch, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.watchers.remove(&m.conn);
+        Ok(())
     }
 }
 
@@ -499,7 +502,7 @@ impl Message<IdleCheck> for UserActor {
             && self.pending.is_empty()
             && self.last_used.elapsed() >= self.svc.config.passivate_after;
         if idle {
-            self.svc.passivate_user(&self.user, ctx.actor_ref());
+            self.svc.passivate(&self.user, ctx.actor_ref());
         } else {
             drop(
                 ctx.actor_ref()
@@ -507,5 +510,18 @@ impl Message<IdleCheck> for UserActor {
                     .send_after(self.svc.config.passivate_after),
             );
         }
+    }
+}
+
+impl Placed for UserActor {
+    const KIND: ActorKind = ActorKind::User;
+    fn registry(svc: &Services) -> &Registry<Self> {
+        &svc.users
+    }
+    fn spawn(svc: &Arc<Services>, user: &str) -> ActorRef<Self> {
+        UserActor::spawn_with_mailbox(
+            (svc.clone(), user.to_string()),
+            mailbox::bounded(svc.config.mailbox),
+        )
     }
 }

@@ -9,11 +9,42 @@
 //! The hash is fixed here (FNV-1a of node and key, finished with splitmix64),
 //! not `std`'s `DefaultHasher`, whose output may change between Rust
 //! releases: nodes built by different compilers must agree on every owner.
+//!
+//! - [`registry`]: the activations of one actor kind on this node, and the
+//!   [`Placed`] trait a virtual actor kind implements.
+//! - [`dispatch`]: sending to the actor of a key: a local kameo tell or ask
+//!   when this node owns it (activating it, retrying on a fresh activation
+//!   if it was stopping), the owner's node over the peer link otherwise
+//!   ([`crate::remote`]); hand-over when the view changes.
+
+pub mod dispatch;
+pub mod registry;
+
+pub use registry::{Placed, Registry};
 
 use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+/// The kinds of virtual actor, as a message to one names it on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActorKind {
+    /// Rooms, topics and feeds, keyed by channel (`room:42`).
+    Room,
+    /// Users, keyed by user id.
+    User,
+}
+
+impl ActorKind {
+    /// The key whose HRW winner owns the actor of this kind for `key`.
+    pub fn placement_key(self, key: &str) -> String {
+        match self {
+            ActorKind::Room => key.to_string(),
+            ActorKind::User => user_key(key),
+        }
+    }
+}
 
 /// A node's id (`node.id` in its config), unique in its cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
