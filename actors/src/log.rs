@@ -95,12 +95,15 @@ pub struct ChannelLog<T> {
     subscribers: HashMap<ConnAddr, String>,
     /// How many of them each node has: an entry leaves once per node.
     node_subs: HashMap<NodeId, usize>,
+    /// The offset pushed to subscribers last (the head at load before any).
+    fanned: u64,
 }
 
 impl<T: Send + 'static> ChannelLog<T> {
     /// The log of channel `key` whose stored head is `head`.
     pub fn new(svc: Arc<Services>, key: String, head: Option<ChannelHead>) -> Self {
         ChannelLog {
+            fanned: head.as_ref().map_or(0, |h| h.offset),
             svc,
             key,
             head,
@@ -334,7 +337,14 @@ impl<T: Send + 'static> ChannelLog<T> {
             // unavailable store may have written the batch after all. Either
             // way our head may be stale: reload it before numbering more.
             match self.svc.store.channel_head(&self.key).await {
-                Ok(h) => self.head = h,
+                Ok(h) => {
+                    self.head = h;
+                    // What the other writer stored reaches our subscribers
+                    // now, before anything we number after it.
+                    if let Some(to) = self.head.as_ref().map(|h| h.offset) {
+                        self.push_stored(to).await;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(channel = %self.key, error = %e, "reloading head failed")
                 }
@@ -382,11 +392,51 @@ impl<T: Send + 'static> ChannelLog<T> {
         committed
     }
 
-    /// Pushes a committed entry to every subscriber: once per node.
-    pub async fn fan_out(&self, entry: &Entry) {
-        let (Some(head), false) = (&self.head, self.subscribers.is_empty()) else {
+    /// Pushes a committed entry to every subscriber: once per node. Entries
+    /// between the last one pushed and this one that another writer stored
+    /// (a second owner during a partition: our append was refused and the
+    /// head reloaded) are read from the store and pushed first, so
+    /// subscribers see the channel gap-free, in offset order.
+    pub async fn fan_out(&mut self, entry: &Entry) {
+        self.push_stored(entry.offset - 1).await;
+        self.fanned = self.fanned.max(entry.offset);
+        if !self.subscribers.is_empty() {
+            self.push_entry(entry).await;
+        }
+    }
+
+    /// Pushes the stored entries after the last one pushed, up to `to`.
+    async fn push_stored(&mut self, to: u64) {
+        let mut from = self.fanned + 1;
+        self.fanned = self.fanned.max(to);
+        if self.subscribers.is_empty() {
             return;
-        };
+        }
+        while from <= to {
+            let page = match self
+                .svc
+                .store
+                .read_range(&self.key, from, to, chorus_storage::MAX_PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(channel = %self.key, error = %e, "reading another writer's entries failed");
+                    return;
+                }
+            };
+            let Some(last) = page.last().map(|e| e.offset) else {
+                return;
+            };
+            for e in &page {
+                self.push_entry(e).await;
+            }
+            from = last + 1;
+        }
+    }
+
+    async fn push_entry(&self, entry: &Entry) {
+        let Some(head) = &self.head else { return };
         let frame = SharedFrame::new(ServerFrame::Push(Push {
             push: "entry".to_string(),
             channel: Some(self.key.clone()),

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use anyhow::Context;
-use chorus_actors::cluster::{Cluster, Faults};
+use chorus_actors::cluster::{Cluster, Faults, PeerTransport};
 use chorus_actors::hub::CloseAll;
 use chorus_actors::placement::NodeId;
 use chorus_actors::{Metrics, Services};
@@ -59,12 +59,17 @@ pub struct NodeHandle {
     readiness_grace: Duration,
 }
 
-/// What a node is started with besides its config: tests hand several
-/// in-process nodes one store, and partition tests a fault injector.
+/// What a node is started with besides its config, each in place of what
+/// the config would make: tests hand several in-process nodes one store, an
+/// in-memory transport that can partition them, and a gossip fault injector.
 #[derive(Default)]
 pub struct Deps {
-    /// The store to use instead of opening `config.storage`.
+    /// The HTTP listener, instead of binding `node.listen`.
+    pub listener: Option<TcpListener>,
+    /// The store, instead of opening `config.storage`.
     pub store: Option<Arc<dyn chorus_storage::Store>>,
+    /// The inter-node transport, instead of libp2p on `cluster.transport_listen`.
+    pub transport: Option<Arc<dyn PeerTransport>>,
     /// Gossip addresses this node pretends it cannot reach.
     pub faults: Faults,
 }
@@ -99,19 +104,25 @@ pub async fn start_with(config: Config, deps: Deps) -> anyhow::Result<NodeHandle
         .enable_all()
         .build()
         .context("starting the actor runtime")?;
-    let listener = TcpListener::bind(config.listen_addr()?)
-        .with_context(|| format!("binding {}", config.node.listen))?;
+    let listener = match deps.listener {
+        Some(l) => l,
+        None => TcpListener::bind(config.listen_addr()?)
+            .with_context(|| format!("binding {}", config.node.listen))?,
+    };
     let addr = listener.local_addr()?;
     let me = NodeId::new(&node_id);
     let cluster = if config.cluster.enabled() {
-        let (cfg, me, faults, cm) = (
+        let (cfg, me, faults, transport, cm) = (
             config.cluster.clone(),
             me.clone(),
             deps.faults,
+            deps.transport,
             metrics.cluster.clone(),
         );
         runtime
-            .spawn(async move { Cluster::start(&cfg, me, addr.to_string(), faults, cm).await })
+            .spawn(async move {
+                Cluster::start(&cfg, me, addr.to_string(), faults, transport, cm).await
+            })
             .await
             .context("starting the cluster")??
     } else {

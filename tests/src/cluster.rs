@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use chorus_actors::cluster::{Faults, MemoryNetwork};
 use chorus_actors::placement::NodeId;
 use chorus_node::{Config, Deps};
 use chorus_storage::{Backend, Store};
@@ -18,6 +19,9 @@ pub const CLUSTER_SECRET: &str = "sandbox-cluster-secret-0123456789";
 
 pub struct Sandbox {
     pub nodes: Vec<TestNode>,
+    /// The in-memory transport of a partitionable sandbox.
+    net: Option<MemoryNetwork>,
+    faults: Vec<Faults>,
 }
 
 /// A fresh keyspace name the storage tests sweep up later.
@@ -106,13 +110,25 @@ pub fn node_config(
 }
 
 impl Sandbox {
-    /// Starts `n` nodes and waits until every node sees all of them `up`.
+    /// Starts `n` nodes linked by libp2p on loopback and waits until every
+    /// node sees all of them `up`.
     pub async fn start(n: usize) -> Sandbox {
+        Sandbox::start_on(n, None).await
+    }
+
+    /// Starts `n` nodes linked by an in-memory transport, which
+    /// [`Sandbox::partition`] can cut.
+    pub async fn partitionable(n: usize) -> Sandbox {
+        Sandbox::start_on(n, Some(MemoryNetwork::new())).await
+    }
+
+    async fn start_on(n: usize, net: Option<MemoryNetwork>) -> Sandbox {
         let cql = std::env::var("CHORUS_CQL").ok();
         let ks = keyspace();
         let cql = cql.as_deref().map(|a| (a, ks.as_str()));
         let mut shared: Option<Arc<dyn Store>> = None;
         let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
+        let mut faults = Vec::with_capacity(n);
         let mut seed = None;
         for i in 0..n {
             let (config, dir) = node_config(i, seed, cql);
@@ -127,17 +143,48 @@ impl Sandbox {
             };
             let deps = Deps {
                 store,
+                transport: net.as_ref().map(|net| net.transport(&config.node.id)),
+                faults: Faults::default(),
                 ..Deps::default()
             };
+            faults.push(deps.faults.clone());
             let node = TestNode::start_deps(dir, config, deps).await;
             if seed.is_none() {
                 seed = node.handle().services().cluster.gossip_addr();
             }
             nodes.push(node);
         }
-        let sandbox = Sandbox { nodes };
+        let sandbox = Sandbox { nodes, net, faults };
         sandbox.wait_converged().await;
         sandbox
+    }
+
+    /// Nodes `a` and `b` can no longer reach each other: neither gossip nor
+    /// links (open ones break). Only for a [`Sandbox::partitionable`] one.
+    pub fn partition(&self, a: usize, b: usize) {
+        let net = self.net.as_ref().expect("a partitionable sandbox");
+        let id = |i: usize| self.nodes[i].handle().node_id().to_string();
+        let gossip = |i: usize| {
+            self.nodes[i]
+                .handle()
+                .services()
+                .cluster
+                .gossip_addr()
+                .expect("a clustered node")
+        };
+        self.faults[a].block(gossip(b));
+        self.faults[b].block(gossip(a));
+        net.cut(&id(a), &id(b));
+    }
+
+    /// Ends every partition.
+    pub fn heal(&self) {
+        for f in &self.faults {
+            f.heal();
+        }
+        if let Some(net) = &self.net {
+            net.heal();
+        }
     }
 
     /// Waits until every node's view holds every node.

@@ -4,7 +4,9 @@
 //! - [`config`]: the `[cluster]` section.
 //! - [`gossip`]: chitchat's gossip over UDP, signed with the cluster secret.
 //! - [`membership`]: chitchat: who is in, in which state, with what load.
-//! - [`transport`]: libp2p (TCP, pnet keyed by the secret, noise, yamux).
+//! - [`transport`]: the [`PeerTransport`] seam, and libp2p (TCP, pnet
+//!   keyed by the secret, noise, yamux) behind it.
+//! - [`memory`]: an in-memory transport that can partition nodes (tests).
 //! - [`link`]: one ordered, acknowledged, flow-controlled stream per peer.
 //!
 //! A node without seeds or secret is a cluster of one ([`Cluster::single`]):
@@ -14,6 +16,7 @@ pub mod config;
 pub mod gossip;
 pub mod link;
 pub mod membership;
+pub mod memory;
 pub mod metrics;
 pub mod transport;
 
@@ -26,22 +29,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use chorus_protocol::ErrorCode;
 use futures::StreamExt;
-use libp2p::{Multiaddr, PeerId};
 use parking_lot::Mutex;
 use tokio::sync::watch;
-use tokio_util::compat::FuturesAsyncReadCompatExt;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ClusterConfig;
 pub use gossip::Faults;
 pub use membership::{Load, Member, MemberState, Members};
+pub use memory::MemoryNetwork;
 pub use metrics::ClusterMetrics;
+pub use transport::PeerTransport;
 
 use crate::placement::{NodeId, View};
 use crate::Fail;
-use link::{BoxDuplex, Connect, Delivered, Link, LinkConfig};
+use link::{Connect, Delivered, Link, LinkConfig};
 use membership::{Membership, SelfInfo};
-use transport::Transport;
+use transport::{Incoming, Transport};
 
 /// This node's place in the cluster.
 pub struct Cluster {
@@ -53,8 +56,8 @@ pub struct Cluster {
     view: watch::Receiver<Arc<View>>,
     members: watch::Receiver<Members>,
     membership: tokio::sync::Mutex<Option<Membership>>,
-    transport: Option<Arc<Transport>>,
-    incoming: Mutex<Option<libp2p_stream::IncomingStreams>>,
+    transport: Option<Arc<dyn PeerTransport>>,
+    incoming: Mutex<Option<Incoming>>,
     links: Mutex<HashMap<NodeId, Arc<Link>>>,
     /// Numbers this process's links: a start time in microseconds, then +1.
     next_link: std::sync::atomic::AtomicU64,
@@ -94,14 +97,16 @@ impl Cluster {
         })
     }
 
-    /// Binds the gossip and transport ports and starts gossiping (state
-    /// `joining`; see [`Cluster::set_state`]). `http` is this node's HTTP
-    /// address as clients reach it.
+    /// Binds the gossip port, starts the transport (libp2p on
+    /// `cluster.transport_listen`, unless one is given) and starts gossiping
+    /// (state `joining`; see [`Cluster::set_state`]). `http` is this node's
+    /// HTTP address as clients reach it.
     pub async fn start(
         config: &ClusterConfig,
         me: NodeId,
         http: String,
         faults: Faults,
+        transport: Option<Arc<dyn PeerTransport>>,
         metrics: ClusterMetrics,
     ) -> anyhow::Result<Arc<Cluster>> {
         if let Some(problem) = config.problem() {
@@ -134,21 +139,30 @@ impl Cluster {
             faults,
             metrics.gossip_rejected.clone(),
         )?;
-        let (transport, incoming) = Transport::start(
-            transport_listen,
-            &config.secret,
-            metrics.connections_refused.clone(),
-        )
-        .await?;
-        let advertised = transport::advertised(transport.listen_addr(), &advertise_ip.to_string());
+        let transport = match transport {
+            Some(t) => t,
+            None => Arc::new(
+                Transport::start(
+                    transport_listen,
+                    advertise_ip,
+                    &config.secret,
+                    metrics.connections_refused.clone(),
+                )
+                .await?,
+            ),
+        };
+        let incoming = transport
+            .take_incoming()
+            .ok_or_else(|| anyhow::anyhow!("the transport's incoming streams were taken"))?;
+        let advertised = transport.address();
         let membership = Membership::start(
             config,
             SelfInfo {
                 id: me.clone(),
                 generation,
                 gossip: SocketAddr::new(advertise_ip, bound.port()),
-                peer_id: transport.peer_id().to_string(),
-                transport: advertised.to_string(),
+                peer_id: transport.peer_id(),
+                transport: advertised.clone(),
                 http,
             },
             udp,
@@ -166,7 +180,7 @@ impl Cluster {
             view,
             members: members.clone(),
             membership: tokio::sync::Mutex::new(Some(membership)),
-            transport: Some(Arc::new(transport)),
+            transport: Some(transport),
             incoming: Mutex::new(Some(incoming)),
             links: Mutex::new(HashMap::new()),
             next_link: std::sync::atomic::AtomicU64::new(generation_now()),
@@ -292,11 +306,10 @@ impl Cluster {
         let connect: Connect = Arc::new(move || {
             let transport = transport.clone();
             let address = peer_address(&members.borrow(), &target);
-            Box::pin(async move {
-                let (peer, addr) = address?;
-                let stream = transport.open(peer, addr).await?;
-                Ok(Box::new(stream) as BoxDuplex)
-            })
+            match address {
+                Ok((peer, addr)) => transport.open(&peer, &addr),
+                Err(e) => Box::pin(async move { Err(e) }),
+            }
         });
         let link = Arc::new(Link::start(
             LinkConfig {
@@ -336,7 +349,7 @@ impl Cluster {
                     _ = stop.cancelled() => return,
                     n = incoming.next() => n,
                 };
-                let Some((peer, stream)) = next else { return };
+                let Some(stream) = next else { return };
                 let Some(cluster) = this.upgrade() else {
                     return;
                 };
@@ -346,7 +359,7 @@ impl Cluster {
                 drop(cluster);
                 tokio::spawn(async move {
                     let r = link::serve_stream(
-                        stream.compat(),
+                        stream,
                         delivered,
                         max,
                         |node| metrics.peer(node.as_str()),
@@ -354,7 +367,7 @@ impl Cluster {
                     )
                     .await;
                     if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "peer stream ended");
+                        tracing::debug!(error = %e, "peer stream ended");
                     }
                 });
             }
@@ -382,7 +395,7 @@ impl Cluster {
     }
 }
 
-fn peer_address(members: &Members, node: &NodeId) -> io::Result<(PeerId, Multiaddr)> {
+fn peer_address(members: &Members, node: &NodeId) -> io::Result<(String, String)> {
     let m = members
         .iter()
         .find(|m| &m.id == node && m.state != MemberState::Down)
@@ -391,15 +404,10 @@ fn peer_address(members: &Members, node: &NodeId) -> io::Result<(PeerId, Multiad
         })?;
     let bad =
         |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{node}: bad {what}"));
-    let peer = m
-        .peer_id
-        .as_deref()
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| bad("peer id"))?;
+    let peer = m.peer_id.clone().ok_or_else(|| bad("peer id"))?;
     let addr = m
         .transport
-        .as_deref()
-        .and_then(|a| a.parse().ok())
+        .clone()
         .ok_or_else(|| bad("transport address"))?;
     Ok((peer, addr))
 }

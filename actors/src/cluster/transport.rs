@@ -1,4 +1,8 @@
-//! The inter-node transport: libp2p, TCP, a private network keyed by the
+//! The inter-node transport: what peer links run over.
+//!
+//! [`PeerTransport`] is the seam: a node is started with one (tests hand
+//! the in-memory one of [`super::memory`], which can partition nodes), or
+//! starts [`Transport`]: libp2p, TCP, a private network keyed by the
 //! cluster secret (pnet), noise, yamux; one `libp2p-stream` protocol for
 //! peer links.
 //!
@@ -9,8 +13,12 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use parking_lot::Mutex;
 
 use futures::StreamExt;
 use libp2p::core::transport::Transport as _;
@@ -26,6 +34,23 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use super::gossip::derive_key;
+use super::link::BoxDuplex;
+
+/// Link streams other nodes opened to this one.
+pub type Incoming = BoxStream<'static, BoxDuplex>;
+
+/// How a node opens and accepts the byte streams its peer links run over.
+pub trait PeerTransport: Send + Sync + 'static {
+    /// This node's id on the transport, gossiped as `peer_id`.
+    fn peer_id(&self) -> String;
+    /// Where other nodes reach it, gossiped as `transport`.
+    fn address(&self) -> String;
+    /// Opens a stream to the node gossiping `peer_id` at `address`.
+    fn open(&self, peer_id: &str, address: &str) -> BoxFuture<'static, io::Result<BoxDuplex>>;
+    /// The streams opened to this node (once; `None` after).
+    fn take_incoming(&self) -> Option<Incoming>;
+    fn shutdown(&self);
+}
 
 /// The protocol of peer links.
 pub const LINK_PROTOCOL: StreamProtocol = StreamProtocol::new("/chorus/link/1");
@@ -49,18 +74,23 @@ enum Command {
 pub struct Transport {
     peer_id: PeerId,
     addr: Multiaddr,
+    /// `addr` with the advertised host.
+    advertised: Multiaddr,
     control: Control,
+    incoming: Mutex<Option<IncomingStreams>>,
     commands: mpsc::UnboundedSender<Command>,
     stop: CancellationToken,
 }
 
 impl Transport {
     /// Listens on `listen` (port 0: any free port); returns once bound.
+    /// Other nodes are told to dial `advertise` with the bound port.
     pub async fn start(
         listen: SocketAddr,
+        advertise: IpAddr,
         secret: &str,
         refused: Counter,
-    ) -> anyhow::Result<(Transport, IncomingStreams)> {
+    ) -> anyhow::Result<Transport> {
         let keypair = identity::Keypair::generate_ed25519();
         let psk = PreSharedKey::new(derive_key(secret, "transport"));
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -101,19 +131,18 @@ impl Transport {
         let stop = CancellationToken::new();
         let peer_id = *swarm.local_peer_id();
         tokio::spawn(run_swarm(swarm, rx, refused, stop.clone()));
-        Ok((
-            Transport {
-                peer_id,
-                addr,
-                control,
-                commands,
-                stop,
-            },
-            incoming,
-        ))
+        Ok(Transport {
+            peer_id,
+            advertised: advertised(&addr, &advertise.to_string()),
+            addr,
+            control,
+            incoming: Mutex::new(Some(incoming)),
+            commands,
+            stop,
+        })
     }
 
-    pub fn peer_id(&self) -> PeerId {
+    pub fn libp2p_peer_id(&self) -> PeerId {
         self.peer_id
     }
 
@@ -121,30 +150,41 @@ impl Transport {
     pub fn listen_addr(&self) -> &Multiaddr {
         &self.addr
     }
+}
 
-    /// Opens a link stream to `peer` at `addr`, connecting first if needed.
-    pub async fn open(&self, peer: PeerId, addr: Multiaddr) -> io::Result<PeerStream> {
-        let (done, connected) = oneshot::channel();
-        self.commands
-            .send(Command::Connect { peer, addr, done })
-            .map_err(|_| io::Error::other("transport stopped"))?;
-        let timed_out =
-            || io::Error::new(io::ErrorKind::TimedOut, "connecting to the peer timed out");
-        tokio::time::timeout(OPEN_TIMEOUT, connected)
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|_| io::Error::other("transport stopped"))??;
-        let stream = tokio::time::timeout(
-            OPEN_TIMEOUT,
-            self.control.clone().open_stream(peer, LINK_PROTOCOL),
-        )
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
-        Ok(stream.compat())
+impl PeerTransport for Transport {
+    fn peer_id(&self) -> String {
+        self.peer_id.to_string()
     }
 
-    pub fn shutdown(&self) {
+    fn address(&self) -> String {
+        self.advertised.to_string()
+    }
+
+    fn open(&self, peer_id: &str, address: &str) -> BoxFuture<'static, io::Result<BoxDuplex>> {
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad {what}"));
+        let target = peer_id
+            .parse::<PeerId>()
+            .map_err(|_| bad("peer id"))
+            .and_then(|p| Ok((p, address.parse::<Multiaddr>().map_err(|_| bad("address"))?)));
+        let (control, commands) = (self.control.clone(), self.commands.clone());
+        Box::pin(async move {
+            let (peer, addr) = target?;
+            let stream = open_stream(control, commands, peer, addr).await?;
+            Ok(Box::new(stream) as BoxDuplex)
+        })
+    }
+
+    fn take_incoming(&self) -> Option<Incoming> {
+        let incoming = self.incoming.lock().take()?;
+        Some(
+            incoming
+                .map(|(_, stream)| Box::new(stream.compat()) as BoxDuplex)
+                .boxed(),
+        )
+    }
+
+    fn shutdown(&self) {
         self.stop.cancel();
     }
 }
@@ -153,6 +193,29 @@ impl Drop for Transport {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// Opens a link stream to `peer` at `addr`, connecting first if needed.
+async fn open_stream(
+    mut control: Control,
+    commands: mpsc::UnboundedSender<Command>,
+    peer: PeerId,
+    addr: Multiaddr,
+) -> io::Result<PeerStream> {
+    let (done, connected) = oneshot::channel();
+    commands
+        .send(Command::Connect { peer, addr, done })
+        .map_err(|_| io::Error::other("transport stopped"))?;
+    let timed_out = || io::Error::new(io::ErrorKind::TimedOut, "connecting to the peer timed out");
+    tokio::time::timeout(OPEN_TIMEOUT, connected)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|_| io::Error::other("transport stopped"))??;
+    let stream = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, LINK_PROTOCOL))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| io::Error::new(io::ErrorKind::ConnectionRefused, e.to_string()))?;
+    Ok(stream.compat())
 }
 
 /// The address to advertise: `host` (when set) with the bound port.
@@ -232,12 +295,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    async fn transport(secret: &str) -> (Transport, IncomingStreams, Counter) {
+    async fn transport(secret: &str) -> (Transport, Incoming, Counter) {
         let refused = Counter::default();
-        let (t, incoming) =
-            Transport::start("127.0.0.1:0".parse().unwrap(), secret, refused.clone())
-                .await
-                .expect("transport starts");
+        let t = Transport::start(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            secret,
+            refused.clone(),
+        )
+        .await
+        .expect("transport starts");
+        let incoming = t.take_incoming().expect("incoming streams");
         (t, incoming, refused)
     }
 
@@ -246,8 +314,7 @@ mod tests {
         let secret = "0123456789abcdef-transport";
         let (server, mut incoming, refused) = transport(secret).await;
         tokio::spawn(async move {
-            while let Some((_, stream)) = incoming.next().await {
-                let mut s = stream.compat();
+            while let Some(mut s) = incoming.next().await {
                 let mut buf = [0u8; 5];
                 if s.read_exact(&mut buf).await.is_ok() {
                     let _ = s.write_all(&buf).await;
@@ -257,7 +324,7 @@ mod tests {
         });
         let (friend, _, _) = transport(secret).await;
         let mut s = friend
-            .open(server.peer_id(), server.listen_addr().clone())
+            .open(&server.peer_id(), &server.address())
             .await
             .expect("same secret: connected");
         s.write_all(b"hello").await.unwrap();
@@ -267,9 +334,7 @@ mod tests {
         assert_eq!(&echo, b"hello");
 
         let (stranger, _, _) = transport("another-secret-entirely").await;
-        let r = stranger
-            .open(server.peer_id(), server.listen_addr().clone())
-            .await;
+        let r = stranger.open(&server.peer_id(), &server.address()).await;
         assert!(r.is_err(), "a peer without the secret got a stream");
         // The stranger's swarm gives up on its dial within the transport's
         // 10 s timeout; the server counts the failed handshake by then.

@@ -80,11 +80,6 @@ impl<A: Actor> Registry<A> {
         gone.iter().filter_map(|k| map.remove(k)).collect()
     }
 
-    /// Every running activation (the map is not changed).
-    pub(crate) fn all(&self) -> Vec<ActorRef<A>> {
-        self.map.lock().values().cloned().collect()
-    }
-
     pub(crate) fn len(&self) -> usize {
         self.map.lock().len()
     }
