@@ -9,7 +9,7 @@
 //! the connection from the hub, its rooms, the users it watched and its own
 //! user's presence.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::hub::{ConnAddr, ConnId, ConnSink, PushError, Register, Unregister};
+use crate::placement::{user_key, NodeId};
 use crate::room::{self, new_epoch, RoomActor};
 use crate::services::{Replier, Services};
 use crate::user::{self, UserActor};
@@ -84,7 +85,10 @@ pub struct ConnActor {
     sink: ConnSink,
     limiter: RateLimiter,
     subscriptions: HashSet<String>,
-    watching: HashSet<String>,
+    /// Watched users, each with the incarnation of its owner that was told.
+    watching: HashMap<String, (NodeId, u64)>,
+    /// The incarnation of this user's owner that knows this connection.
+    announced_to: Option<(NodeId, u64)>,
     last_activity_report: Instant,
     /// Bumped by every `auth.refresh`: only the newest token's expiry check
     /// counts, so a refresh to a shorter-lived token is enforced at its own
@@ -106,6 +110,7 @@ impl Actor for ConnActor {
         svc.hub
             .tell(Register {
                 conn: id,
+                user: claims.user.clone(),
                 sink: sink.clone(),
             })
             .await
@@ -114,8 +119,10 @@ impl Actor for ConnActor {
             node: svc.cluster.me().clone(),
             conn: id,
         };
+        let owner = svc.cluster.owner_incarnation(&user_key(&claims.user));
         svc.ask_user(&claims.user, user::Connected { conn: addr.clone() })
             .await?;
+        svc.conn_opened(id, me.downgrade());
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();
         schedule_token_check(&me, claims.expires_at, 0);
@@ -128,7 +135,8 @@ impl Actor for ConnActor {
             sink,
             limiter,
             subscriptions: HashSet::new(),
-            watching: HashSet::new(),
+            watching: HashMap::new(),
+            announced_to: Some(owner),
             last_activity_report: Instant::now(),
             token_generation: 0,
         })
@@ -136,6 +144,7 @@ impl Actor for ConnActor {
 
     async fn on_stop(&mut self, _: WeakActorRef<Self>, _: ActorStopReason) -> Result<(), Fail> {
         self.svc.metrics.connections.dec();
+        self.svc.conn_closed(self.id);
         let _ = self.svc.hub.tell(Unregister { conn: self.id }).await;
         for channel in std::mem::take(&mut self.subscriptions) {
             let unsubscribe = room::Unsubscribe {
@@ -146,7 +155,7 @@ impl Actor for ConnActor {
                 .tell_if_active::<RoomActor, _>(&channel, unsubscribe)
                 .await;
         }
-        for u in std::mem::take(&mut self.watching) {
+        for u in std::mem::take(&mut self.watching).into_keys() {
             let unwatch = user::Unwatch {
                 conn: self.addr.clone(),
             };
@@ -609,7 +618,7 @@ impl ConnActor {
                     }
                 }
                 for u in users {
-                    if self.watching.remove(&u) {
+                    if self.watching.remove(&u).is_some() {
                         let unwatch = user::Unwatch {
                             conn: self.addr.clone(),
                         };
@@ -697,7 +706,7 @@ impl ConnActor {
         }
         let new: Vec<&String> = users
             .iter()
-            .filter(|u| !self.watching.contains(*u))
+            .filter(|u| !self.watching.contains_key(*u))
             .collect();
         if self.watching.len() + new.len() > self.svc.config.max_watch {
             return Err(Fail::new(
@@ -710,6 +719,7 @@ impl ConnActor {
         }
         let mut out = Vec::with_capacity(users.len());
         for u in &users {
+            let owner = self.svc.cluster.owner_incarnation(&user_key(u));
             let p = self
                 .svc
                 .ask_user(
@@ -719,7 +729,7 @@ impl ConnActor {
                     },
                 )
                 .await?;
-            self.watching.insert(u.clone());
+            self.watching.insert(u.clone(), owner);
             out.push(p);
         }
         Ok(to_value(&PresenceList { users: out }))
@@ -752,6 +762,69 @@ fn truncate(s: &str) -> String {
 
 /// A decoded request from the socket.
 pub struct Inbound(pub RawRequest);
+
+/// Owners changed: announce this connection again to its user's actor,
+/// and watch again each watched user, where the owner is not the
+/// incarnation that was told last; retried every second until each owner
+/// answered.
+pub struct Reannounce;
+
+/// How soon a connection tries again to announce itself to a new owner.
+const REANNOUNCE_RETRY: Duration = Duration::from_secs(1);
+
+impl Message<Reannounce> for ConnActor {
+    type Reply = ();
+    async fn handle(&mut self, _: Reannounce, ctx: &mut Context<Self, ()>) {
+        let svc = self.svc.clone();
+        let me = self.user();
+        let mut settled = true;
+        let owner = svc.cluster.owner_incarnation(&user_key(&me));
+        if self.announced_to.as_ref() != Some(&owner) {
+            let connected = user::Connected {
+                conn: self.addr.clone(),
+            };
+            match svc.ask_user(&me, connected).await {
+                Ok(()) => self.announced_to = Some(owner),
+                Err(f) => {
+                    settled = false;
+                    tracing::debug!(user = %me, error = %f, "announcing a connection again failed");
+                }
+            }
+        }
+        let watched: Vec<(String, (NodeId, u64))> = self
+            .watching
+            .iter()
+            .map(|(u, at)| (u, at, svc.cluster.owner_incarnation(&user_key(u))))
+            .filter(|(_, at, now)| *at != now)
+            .map(|(u, _, now)| (u.clone(), now))
+            .collect();
+        for (u, owner) in watched {
+            let watch = user::Watch {
+                conn: self.addr.clone(),
+            };
+            match svc.ask_user(&u, watch).await {
+                // What the new owner knows: the watcher may have missed a change.
+                Ok(p) => {
+                    self.watching.insert(u, owner);
+                    let push = chorus_protocol::Push::ephemeral("presence", None, to_value(&p));
+                    let frame = SharedFrame::new(ServerFrame::Push(push));
+                    svc.send_to(&self.addr, Arc::new(frame)).await;
+                }
+                Err(f) => {
+                    settled = false;
+                    tracing::debug!(user = %u, error = %f, "watching again failed");
+                }
+            }
+        }
+        if !settled {
+            drop(
+                ctx.actor_ref()
+                    .tell(Reannounce)
+                    .send_after(REANNOUNCE_RETRY),
+            );
+        }
+    }
+}
 
 /// Re-checks the token's expiry.
 struct TokenCheck {

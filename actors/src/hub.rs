@@ -9,11 +9,19 @@
 //! Replies that must be ordered with pushes (a subscribe's catch-up before
 //! the first live entry) also travel through the hub ([`SendTo`]): one
 //! mailbox, so one order.
+//!
+//! Per channel the hub remembers which node's room registered its
+//! subscribers and the last stored entry (epoch, offset) it delivered. When
+//! the channel's owner changes, the node re-registers them at the new owner
+//! from that offset ([`Registrations`], `Services::reregister`); the new
+//! owner replays the gap from the store, and the hub drops any entry it has
+//! already delivered, so subscribers see no gap and no duplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use chorus_protocol::{close, SharedFrame};
+use chorus_protocol::{close, ErrorCode, Reply, ServerFrame, SharedFrame};
 use kameo::message::{Context, Message};
 use kameo::Actor;
 use parking_lot::Mutex;
@@ -139,12 +147,47 @@ impl CloseWatch {
     }
 }
 
+/// The position of a channel's stream: its epoch and an offset in it.
+pub type Position = (String, u64);
+
+/// One channel's local subscribers.
+#[derive(Default)]
+struct Chan {
+    conns: HashSet<ConnId>,
+    /// The node whose room registered them last.
+    owner: Option<NodeId>,
+    /// The last stored entry delivered here (or the head they subscribed at).
+    last: Option<Position>,
+}
+
+impl Chan {
+    /// Whether an entry at `at` is new here; remembers it if so.
+    fn advance(&mut self, at: Position) -> bool {
+        match &mut self.last {
+            Some((epoch, offset)) if *epoch == at.0 => {
+                if at.1 <= *offset {
+                    return false;
+                }
+                *offset = at.1;
+            }
+            last => *last = Some(at),
+        }
+        true
+    }
+}
+
 /// One per node. See the module docs.
 #[derive(Actor)]
 pub struct Hub {
     conns: HashMap<ConnId, ConnSink>,
-    channels: HashMap<String, HashSet<ConnId>>,
+    /// The user of each connection.
+    users: HashMap<ConnId, String>,
+    channels: HashMap<String, Chan>,
     conn_channels: HashMap<ConnId, HashSet<String>>,
+    /// Requests of local connections that another node is to answer here.
+    awaited: HashMap<ConnId, HashSet<u64>>,
+    /// Those answered 5004 here for want of an answer in time: a late one is dropped.
+    overdue: HashMap<ConnId, HashMap<u64, Instant>>,
     metrics: Arc<Metrics>,
     /// Set by [`CloseAll`]: a connection registering after it (its handshake
     /// raced the shutdown) is closed the same way at once.
@@ -155,8 +198,11 @@ impl Hub {
     pub fn new(metrics: Arc<Metrics>) -> Hub {
         Hub {
             conns: HashMap::new(),
+            users: HashMap::new(),
             channels: HashMap::new(),
             conn_channels: HashMap::new(),
+            awaited: HashMap::new(),
+            overdue: HashMap::new(),
             metrics,
             closing: None,
         }
@@ -164,14 +210,21 @@ impl Hub {
 
     fn drop_conn(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
+        self.users.remove(&conn);
+        self.awaited.remove(&conn);
+        self.overdue.remove(&conn);
         if let Some(chans) = self.conn_channels.remove(&conn) {
             for ch in chans {
-                if let Some(set) = self.channels.get_mut(&ch) {
-                    set.remove(&conn);
-                    if set.is_empty() {
-                        self.channels.remove(&ch);
-                    }
-                }
+                self.leave_channel(&ch, conn);
+            }
+        }
+    }
+
+    fn leave_channel(&mut self, channel: &str, conn: ConnId) {
+        if let Some(chan) = self.channels.get_mut(channel) {
+            chan.conns.remove(&conn);
+            if chan.conns.is_empty() {
+                self.channels.remove(channel);
             }
         }
     }
@@ -199,6 +252,7 @@ impl Hub {
 /// A connection opened on this node.
 pub struct Register {
     pub conn: ConnId,
+    pub user: String,
     pub sink: ConnSink,
 }
 
@@ -207,10 +261,13 @@ pub struct Unregister {
     pub conn: ConnId,
 }
 
-/// Start delivering `channel`'s entries to `conn`.
+/// Start delivering `channel`'s entries to `conn`: sent by the channel's
+/// room on `owner`, after the catch-up up to `at`.
 pub struct Subscribe {
     pub channel: String,
     pub conn: ConnId,
+    pub owner: NodeId,
+    pub at: Option<Position>,
 }
 
 pub struct Unsubscribe {
@@ -230,9 +287,36 @@ pub struct SendTo {
     pub frame: Arc<SharedFrame>,
 }
 
+/// Request `id` of `conn` is to be answered by another node.
+pub struct ExpectReply {
+    pub conn: ConnId,
+    pub id: u64,
+}
+
+/// The request timeout of an [`ExpectReply`] has passed.
+pub struct ReplyDue {
+    pub conn: ConnId,
+    pub id: u64,
+}
+
 /// Whether any local connection still subscribes to the channel.
 pub struct HasSubscribers {
     pub channel: String,
+}
+
+/// The local subscribers of every channel (or of one), to re-register them
+/// at a new owner.
+pub struct Registrations {
+    pub channel: Option<String>,
+}
+
+/// A channel's local subscribers and where their stream stands.
+pub struct Registration {
+    pub channel: String,
+    pub owner: Option<NodeId>,
+    pub last: Option<Position>,
+    /// Each connection with its user.
+    pub conns: Vec<(ConnId, String)>,
 }
 
 /// Close every connection (shutdown).
@@ -248,6 +332,7 @@ impl Message<Register> for Hub {
             m.sink.close(*code, reason);
         }
         self.conns.insert(m.conn, m.sink);
+        self.users.insert(m.conn, m.user);
     }
 }
 
@@ -264,10 +349,12 @@ impl Message<Subscribe> for Hub {
         if !self.conns.contains_key(&m.conn) {
             return;
         }
-        self.channels
-            .entry(m.channel.clone())
-            .or_default()
-            .insert(m.conn);
+        let chan = self.channels.entry(m.channel.clone()).or_default();
+        chan.conns.insert(m.conn);
+        chan.owner = Some(m.owner);
+        if let Some(at) = m.at {
+            chan.advance(at);
+        }
         self.conn_channels
             .entry(m.conn)
             .or_default()
@@ -278,12 +365,7 @@ impl Message<Subscribe> for Hub {
 impl Message<Unsubscribe> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: Unsubscribe, _: &mut Context<Self, ()>) {
-        if let Some(set) = self.channels.get_mut(&m.channel) {
-            set.remove(&m.conn);
-            if set.is_empty() {
-                self.channels.remove(&m.channel);
-            }
-        }
+        self.leave_channel(&m.channel, m.conn);
         if let Some(set) = self.conn_channels.get_mut(&m.conn) {
             set.remove(&m.channel);
         }
@@ -293,10 +375,17 @@ impl Message<Unsubscribe> for Hub {
 impl Message<Deliver> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: Deliver, _: &mut Context<Self, ()>) {
-        let Some(subs) = self.channels.get(&m.channel) else {
+        let Some(chan) = self.channels.get_mut(&m.channel) else {
             return;
         };
-        let targets: Vec<ConnId> = subs.iter().copied().collect();
+        if let Some(at) = stored_position(&m.frame) {
+            if !chan.advance(at) {
+                // Replayed by a new owner, or sent by two owners at once.
+                self.metrics.cluster.duplicates_dropped.inc();
+                return;
+            }
+        }
+        let targets: Vec<ConnId> = chan.conns.iter().copied().collect();
         let mut delivered = 0u64;
         for conn in targets {
             if self.send(conn, &m.frame) {
@@ -310,14 +399,108 @@ impl Message<Deliver> for Hub {
 impl Message<SendTo> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: SendTo, _: &mut Context<Self, ()>) {
+        if let ServerFrame::Reply(r) = m.frame.frame() {
+            let awaited = self
+                .awaited
+                .get_mut(&m.conn)
+                .is_some_and(|ids| ids.remove(&r.id));
+            let late = !awaited
+                && self
+                    .overdue
+                    .get_mut(&m.conn)
+                    .is_some_and(|ids| ids.remove(&r.id).is_some());
+            if late {
+                return;
+            }
+        }
         self.send(m.conn, &m.frame);
+    }
+}
+
+impl Message<ExpectReply> for Hub {
+    type Reply = ();
+    async fn handle(&mut self, m: ExpectReply, _: &mut Context<Self, ()>) {
+        if self.conns.contains_key(&m.conn) {
+            self.awaited.entry(m.conn).or_default().insert(m.id);
+        }
+    }
+}
+
+/// How long a hub remembers a request it answered 5004, to drop a late answer.
+const OVERDUE_MEMORY: Duration = Duration::from_secs(120);
+
+impl Message<ReplyDue> for Hub {
+    type Reply = ();
+    async fn handle(&mut self, m: ReplyDue, _: &mut Context<Self, ()>) {
+        let Some(ids) = self.awaited.get_mut(&m.conn) else {
+            return;
+        };
+        if !ids.remove(&m.id) {
+            return;
+        }
+        let overdue = self.overdue.entry(m.conn).or_default();
+        overdue.retain(|_, at| at.elapsed() < OVERDUE_MEMORY);
+        overdue.insert(m.id, Instant::now());
+        self.metrics.cluster.request_timeouts.inc();
+        let reply = Reply::err(
+            m.id,
+            ErrorCode::Overloaded,
+            "the owning node did not answer in time, retry",
+        );
+        self.metrics.error(ErrorCode::Overloaded);
+        let frame = Arc::new(SharedFrame::new(ServerFrame::Reply(reply)));
+        self.send(m.conn, &frame);
     }
 }
 
 impl Message<HasSubscribers> for Hub {
     type Reply = bool;
     async fn handle(&mut self, m: HasSubscribers, _: &mut Context<Self, bool>) -> bool {
-        self.channels.get(&m.channel).is_some_and(|s| !s.is_empty())
+        self.channels
+            .get(&m.channel)
+            .is_some_and(|c| !c.conns.is_empty())
+    }
+}
+
+impl Message<Registrations> for Hub {
+    type Reply = Vec<Registration>;
+    async fn handle(
+        &mut self,
+        m: Registrations,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let users = &self.users;
+        let registration = |channel: &String, chan: &Chan| Registration {
+            channel: channel.clone(),
+            owner: chan.owner.clone(),
+            last: chan.last.clone(),
+            conns: chan
+                .conns
+                .iter()
+                .filter_map(|c| users.get(c).map(|u| (*c, u.clone())))
+                .collect(),
+        };
+        match &m.channel {
+            Some(ch) => self
+                .channels
+                .get_key_value(ch)
+                .map(|(k, c)| registration(k, c))
+                .into_iter()
+                .collect(),
+            None => self
+                .channels
+                .iter()
+                .map(|(k, c)| registration(k, c))
+                .collect(),
+        }
+    }
+}
+
+/// The (epoch, offset) of a stored entry's push; `None` for anything else.
+fn stored_position(frame: &SharedFrame) -> Option<Position> {
+    match frame.frame() {
+        ServerFrame::Push(p) if !p.ephemeral => Some((p.epoch.clone()?, p.offset?)),
+        _ => None,
     }
 }
 
@@ -336,14 +519,14 @@ impl Message<CloseAll> for Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chorus_protocol::{Push, ServerFrame};
+    use chorus_protocol::Push;
     use kameo::actor::Spawn;
 
     fn frame(n: u64) -> Arc<SharedFrame> {
         Arc::new(SharedFrame::new(ServerFrame::Push(Push {
             push: "entry".into(),
             channel: Some("room:a".into()),
-            epoch: None,
+            epoch: Some("e1".into()),
             offset: Some(n),
             ephemeral: false,
             data: serde_json::Value::Null,
@@ -359,12 +542,14 @@ mod tests {
         let (_slow_rx, slow_out) = slow_out.split();
         hub.tell(Register {
             conn: 1,
+            user: "u1".into(),
             sink: fast,
         })
         .await
         .unwrap();
         hub.tell(Register {
             conn: 2,
+            user: "u2".into(),
             sink: slow,
         })
         .await
@@ -373,6 +558,8 @@ mod tests {
             hub.tell(Subscribe {
                 channel: "room:a".into(),
                 conn,
+                owner: NodeId::new("n1"),
+                at: None,
             })
             .await
             .unwrap();
@@ -406,5 +593,44 @@ mod tests {
             })
             .await
             .unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_entry_already_delivered_is_not_delivered_again() {
+        let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new())));
+        let (sink, mut out) = outbound(16);
+        hub.tell(Register {
+            conn: 1,
+            user: "u1".into(),
+            sink,
+        })
+        .await
+        .unwrap();
+        hub.tell(Subscribe {
+            channel: "room:a".into(),
+            conn: 1,
+            owner: NodeId::new("n1"),
+            at: Some(("e1".into(), 2)),
+        })
+        .await
+        .unwrap();
+        // 2 came with the catch-up; 3 from the old owner, then a new owner
+        // replays 2..=3 and goes on with 4.
+        for n in [2, 3, 2, 3, 4] {
+            hub.tell(Deliver {
+                channel: "room:a".into(),
+                frame: frame(n),
+            })
+            .await
+            .unwrap();
+        }
+        let regs = hub.ask(Registrations { channel: None }).await.unwrap();
+        assert_eq!(regs.len(), 1);
+        assert_eq!(regs[0].last, Some(("e1".into(), 4)));
+        assert_eq!(regs[0].conns, vec![(1, "u1".to_string())]);
+        for n in [3, 4] {
+            assert_eq!(out.rx.recv().await.unwrap().frame(), frame(n).frame());
+        }
+        assert!(out.rx.try_recv().is_err(), "nothing else was delivered");
     }
 }

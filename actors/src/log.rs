@@ -34,7 +34,8 @@ use kameo::Actor;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::hub::ConnAddr;
+use crate::hub::{ConnAddr, ConnId, Position};
+use crate::placement::moves::NodeGone;
 use crate::placement::NodeId;
 use crate::services::{Replier, Services};
 use crate::Fail;
@@ -436,6 +437,10 @@ impl<T: Send + 'static> ChannelLog<T> {
     }
 
     async fn push_entry(&self, entry: &Entry) {
+        self.push_entry_to(self.node_subs.keys(), entry).await;
+    }
+
+    async fn push_entry_to<'a>(&self, nodes: impl Iterator<Item = &'a NodeId>, entry: &Entry) {
         let Some(head) = &self.head else { return };
         let frame = SharedFrame::new(ServerFrame::Push(Push {
             push: "entry".to_string(),
@@ -445,9 +450,7 @@ impl<T: Send + 'static> ChannelLog<T> {
             ephemeral: false,
             data: to_value(entry),
         }));
-        self.svc
-            .deliver(&self.key, self.node_subs.keys(), Arc::new(frame))
-            .await;
+        self.svc.deliver(&self.key, nodes, Arc::new(frame)).await;
     }
 
     /// Pushes an event that is not stored (typing, receipts) to every subscriber.
@@ -500,10 +503,21 @@ impl<T: Send + 'static> ChannelLog<T> {
         }
     }
 
-    /// Forgets every subscriber on `node` (it left or is down); its hub is gone.
-    pub fn drop_node(&mut self, node: &NodeId) {
-        if self.node_subs.remove(node).is_some() {
-            self.subscribers.retain(|c, _| c.node != *node);
+    /// Forgets the subscribers of a member that is down or restarted.
+    pub fn drop_gone(&mut self, gone: &NodeGone) {
+        let before = self.subscribers.len();
+        self.subscribers.retain(|c, _| !gone.covers(c));
+        if self.subscribers.len() != before {
+            let left = self
+                .subscribers
+                .keys()
+                .filter(|c| c.node == gone.node)
+                .count();
+            if left == 0 {
+                self.node_subs.remove(&gone.node);
+            } else {
+                self.node_subs.insert(gone.node.clone(), left);
+            }
         }
     }
 
@@ -527,8 +541,65 @@ impl<T: Send + 'static> ChannelLog<T> {
         .send(&self.svc, Ok(to_value(&res)))
         .await;
         self.add_subscriber(conn.clone(), user);
-        self.svc.hub_subscribe(&self.key, &conn).await;
+        let at = (head.epoch.clone(), head.offset);
+        self.svc.hub_subscribe(&self.key, &conn, Some(at)).await;
         Ok(())
+    }
+
+    /// Takes over subscribers that `node`'s hub had registered with another
+    /// owner, whose stream stands at `after`: the entries pushed since are
+    /// read from the store and pushed to that node alone (its hub drops what
+    /// it already has), then each is registered here. Returns the reason
+    /// when they cannot resume gap-free (the channel's epoch changed, or
+    /// they missed more than `max_catchup`): nobody is registered then.
+    pub async fn resubscribe(
+        &mut self,
+        node: &NodeId,
+        conns: Vec<(ConnId, String)>,
+        after: Option<Position>,
+    ) -> Result<Result<(), &'static str>, Fail> {
+        let head = self.ensure().await?;
+        if let Some((epoch, offset)) = after {
+            if epoch != head.epoch {
+                return Ok(Err("epoch_changed"));
+            }
+            if self.fanned.saturating_sub(offset) > self.svc.config.max_catchup as u64 {
+                return Ok(Err("too_far_behind"));
+            }
+            let mut from = offset + 1;
+            while from <= self.fanned {
+                let page = self
+                    .svc
+                    .store
+                    .read_range(&self.key, from, self.fanned, chorus_storage::MAX_PAGE)
+                    .await?;
+                let Some(last) = page.last().map(|e| e.offset) else {
+                    break;
+                };
+                for e in &page {
+                    self.push_entry_to(std::iter::once(node), e).await;
+                }
+                from = last + 1;
+            }
+        }
+        let at = (head.epoch.clone(), self.fanned);
+        for (conn, user) in conns {
+            let addr = ConnAddr {
+                node: node.clone(),
+                conn,
+            };
+            self.add_subscriber(addr.clone(), user);
+            self.svc
+                .hub_subscribe(&self.key, &addr, Some(at.clone()))
+                .await;
+        }
+        Ok(Ok(()))
+    }
+
+    /// The nodes with subscribers here: told when this actor stops, so
+    /// their hubs register them again at the channel's owner.
+    pub fn subscribed_nodes(&self) -> impl Iterator<Item = &NodeId> {
+        self.node_subs.keys()
     }
 
     /// What a subscriber resuming at `from` missed, or why it cannot resume.

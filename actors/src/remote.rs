@@ -21,7 +21,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::hub::{ConnAddr, ConnId, Deliver, SendTo, Subscribe, Unsubscribe};
+use crate::hub::{
+    ConnAddr, ConnId, Deliver, ExpectReply, Position, ReplyDue, SendTo, Subscribe, Unsubscribe,
+};
 use crate::placement::{ActorKind, NodeId, Placed};
 use crate::services::{Replier, Services};
 use crate::{room, user, Fail};
@@ -44,13 +46,20 @@ pub enum PeerMsg {
         conn: ConnId,
         frame: ServerFrame,
     },
+    /// Sent by the channel's room after the catch-up up to `at`.
     HubSubscribe {
         channel: String,
         conn: ConnId,
+        at: Option<Position>,
     },
     HubUnsubscribe {
         channel: String,
         conn: ConnId,
+    },
+    /// The sender's actor of `channel` stopped with subscribers here: they
+    /// are to be registered again at the channel's owner.
+    OwnerStopped {
+        channel: String,
     },
 }
 
@@ -74,11 +83,20 @@ pub trait Wire: Sized + Send + 'static {
     fn replier(&mut self) -> Option<&mut Replier> {
         None
     }
+    /// The connection and request id its reply goes to through that
+    /// connection's hub, if any.
+    fn awaited(&mut self) -> Option<(ConnAddr, u64)> {
+        match self.replier()? {
+            Replier::Conn { conn, id } => Some((conn.clone(), *id)),
+            _ => None,
+        }
+    }
 }
 
 macro_rules! wire {
     (
         room tell: [$($rt:ident $(+ $rr:ident)?),*],
+        room subscribe: [$($rs:ident),*],
         room ask: [$($ra:ident),*],
         user tell: [$($ut:ident $(+ $ur:ident)?),*],
         user ask: [$($ua:ident),*] $(,)?
@@ -87,6 +105,7 @@ macro_rules! wire {
         #[derive(Serialize, Deserialize)]
         pub enum ActorMsg {
             $($rt(room::$rt),)*
+            $($rs(room::$rs),)*
             $($ra(room::$ra),)*
             $($ut(user::$ut),)*
             $($ua(user::$ua),)*
@@ -95,6 +114,10 @@ macro_rules! wire {
         $(impl Wire for room::$rt {
             fn into_msg(self) -> ActorMsg { ActorMsg::$rt(self) }
             $(fn replier(&mut self) -> Option<&mut Replier> { let _ = stringify!($rr); Some(&mut self.replier) })?
+        })*
+        $(impl Wire for room::$rs {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$rs(self) }
+            fn awaited(&mut self) -> Option<(ConnAddr, u64)> { Some((self.conn.clone(), self.req_id)) }
         })*
         $(impl Wire for room::$ra {
             fn into_msg(self) -> ActorMsg { ActorMsg::$ra(self) }
@@ -124,6 +147,13 @@ macro_rules! wire {
                 let Envelope { key, msg, if_active, reply, .. } = e;
                 match msg {
                     $(ActorMsg::$rt(m) => {
+                        let _ = if if_active {
+                            self.tell_if_active_here::<room::RoomActor, _>(&key, m).await
+                        } else {
+                            self.tell_local::<room::RoomActor, _>(&key, m).await
+                        };
+                    })*
+                    $(ActorMsg::$rs(m) => {
                         let _ = if if_active {
                             self.tell_if_active_here::<room::RoomActor, _>(&key, m).await
                         } else {
@@ -163,8 +193,9 @@ wire! {
     room tell: [
         Create + replier, Join + replier, Leave + replier, Invite + replier,
         Kick + replier, Publish + replier, Edit + replier, Read + replier,
-        Subscribe, Unsubscribe
+        Unsubscribe, Resubscribe
     ],
+    room subscribe: [Subscribe],
     room ask: [Members, Authorize, Typing, Summary],
     user tell: [Disconnected, Activity, Notify + replier],
     user ask: [Connected, SetPresence, Watch, Unwatch, Query, MarkRead, SetPrefs],
@@ -254,17 +285,22 @@ impl Services {
         }
     }
 
-    pub(crate) async fn hub_subscribe(&self, channel: &str, conn: &ConnAddr) {
+    /// Registers `conn` with its node's hub as a subscriber of `channel`
+    /// whose stream stands at `at` (the catch-up it was sent ended there).
+    pub(crate) async fn hub_subscribe(&self, channel: &str, conn: &ConnAddr, at: Option<Position>) {
         if self.cluster.is_me(&conn.node) {
             let msg = Subscribe {
                 channel: channel.to_string(),
                 conn: conn.conn,
+                owner: self.cluster.me().clone(),
+                at,
             };
             let _ = self.hub.tell(msg).await;
         } else {
             let msg = PeerMsg::HubSubscribe {
                 channel: channel.to_string(),
                 conn: conn.conn,
+                at,
             };
             self.send_peer(&conn.node, &msg).await;
         }
@@ -284,6 +320,28 @@ impl Services {
             };
             self.send_peer(&conn.node, &msg).await;
         }
+    }
+
+    /// A request of a local connection goes to another node, which answers
+    /// it straight to this node's hub: if no answer is there within the
+    /// request timeout (the owner died), the hub answers 5004 itself and
+    /// drops a late answer, so the client always gets exactly one reply.
+    async fn expect_reply(&self, conn: &ConnAddr, id: u64) {
+        if !self.cluster.is_me(&conn.node) {
+            return;
+        }
+        let conn = conn.conn;
+        if self.hub.tell(ExpectReply { conn, id }).await.is_err() {
+            return;
+        }
+        let hub = self.hub.downgrade();
+        let timeout = self.cluster.config().request_timeout();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            if let Some(hub) = hub.upgrade() {
+                let _ = hub.tell(ReplyDue { conn, id }).await;
+            }
+        });
     }
 
     /// A correlation id for an answer from another node, and its receiver.
@@ -348,6 +406,9 @@ impl Services {
         if_active: bool,
     ) -> Result<(), Fail> {
         self.make_remote(&mut msg);
+        if let Some((conn, id)) = msg.awaited() {
+            self.expect_reply(&conn, id).await;
+        }
         let envelope = Envelope {
             kind: A::KIND,
             key: key.to_string(),
@@ -425,12 +486,20 @@ impl Services {
                 let frame = Arc::new(SharedFrame::new(frame));
                 let _ = self.hub.tell(SendTo { conn, frame }).await;
             }
-            PeerMsg::HubSubscribe { channel, conn } => {
-                let _ = self.hub.tell(Subscribe { channel, conn }).await;
+            PeerMsg::HubSubscribe { channel, conn, at } => {
+                let owner = from.clone();
+                let msg = Subscribe {
+                    channel,
+                    conn,
+                    owner,
+                    at,
+                };
+                let _ = self.hub.tell(msg).await;
             }
             PeerMsg::HubUnsubscribe { channel, conn } => {
                 let _ = self.hub.tell(Unsubscribe { channel, conn }).await;
             }
+            PeerMsg::OwnerStopped { channel } => self.owner_stopped(from, channel),
         }
     }
 
@@ -522,7 +591,23 @@ mod tests {
             PeerMsg::HubSubscribe {
                 channel: "topic:news".into(),
                 conn: 7,
+                at: Some(("e".into(), 3)),
             },
+            PeerMsg::OwnerStopped {
+                channel: "room:lobby".into(),
+            },
+            PeerMsg::Actor(Envelope {
+                kind: ActorKind::Room,
+                key: "room:lobby".into(),
+                msg: ActorMsg::Resubscribe(room::Resubscribe {
+                    node: NodeId::new("node-1"),
+                    conns: vec![(7, "alice".into())],
+                    after: Some(("e".into(), 3)),
+                }),
+                hops: 0,
+                if_active: false,
+                reply: None,
+            }),
         ]
     }
 

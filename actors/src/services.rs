@@ -12,7 +12,7 @@ use std::time::Duration;
 use chorus_protocol::ops::{HistoryPage, NotifPage};
 use chorus_protocol::{now_ms, Presence, Reply, ServerFrame, SharedFrame, Status};
 use chorus_storage::Store;
-use kameo::actor::{ActorRef, Spawn};
+use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::mailbox;
 use kameo::message::Message;
 use parking_lot::Mutex;
@@ -22,6 +22,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
+use crate::conn::ConnActor;
 use crate::hub::{ConnAddr, ConnId, Hub};
 use crate::placement::{NodeId, Registry};
 use crate::remote::{PeerMsg, Wire};
@@ -98,6 +99,8 @@ pub struct Services {
     pub(crate) rooms: Registry<RoomActor>,
     pub(crate) users: Registry<UserActor>,
     next_conn: AtomicU64,
+    /// This node's connection actors, to tell them when owners change.
+    conns: Mutex<HashMap<ConnId, WeakActorRef<ConnActor>>>,
     pub(crate) stopping: AtomicBool,
     /// Callers waiting on another node's answer, by correlation id.
     pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, Fail>>>>,
@@ -121,6 +124,7 @@ impl Services {
                 mailbox::bounded(config.hub_mailbox),
             )
         };
+        let first_conn = cluster.generation().max(1);
         Arc::new(Services {
             config,
             store,
@@ -131,7 +135,10 @@ impl Services {
             cluster,
             rooms: Registry::default(),
             users: Registry::default(),
-            next_conn: AtomicU64::new(1),
+            // Numbered from the generation (a start time in µs): ids of an
+            // earlier incarnation of this node are all below ours.
+            next_conn: AtomicU64::new(first_conn),
+            conns: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             next_corr: AtomicU64::new(1),
@@ -144,6 +151,23 @@ impl Services {
 
     pub fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn conn_opened(&self, id: ConnId, conn: WeakActorRef<ConnActor>) {
+        self.conns.lock().insert(id, conn);
+    }
+
+    pub(crate) fn conn_closed(&self, id: ConnId) {
+        self.conns.lock().remove(&id);
+    }
+
+    /// The connection actors running on this node.
+    pub(crate) fn local_conns(&self) -> Vec<ActorRef<ConnActor>> {
+        self.conns
+            .lock()
+            .values()
+            .filter_map(WeakActorRef::upgrade)
+            .collect()
     }
 
     /// From now on new connections are refused and requests answered with

@@ -28,6 +28,7 @@ use kameo::Actor;
 use serde_json::{json, Value};
 
 use crate::hub::ConnAddr;
+use crate::placement::moves::NodeGone;
 use crate::placement::{ActorKind, Placed, Registry};
 use crate::services::{Replier, Services};
 use crate::Fail;
@@ -482,6 +483,20 @@ impl Message<SetPrefs> for UserActor {
         self.svc.store.put_prefs(&self.user, &m.prefs).await?;
         self.prefs = m.prefs;
         Ok(self.prefs.clone())
+    }
+}
+
+/// A member is down or restarted: its connections (devices and watchers) are gone.
+impl Message<NodeGone> for UserActor {
+    type Reply = ();
+    async fn handle(&mut self, m: NodeGone, ctx: &mut Context<Self, ()>) {
+        self.watchers.retain(|c, _| !m.covers(c));
+        let before = self.conns.len();
+        self.conns.retain(|c, _| !m.covers(c));
+        if self.conns.len() != before {
+            let me = ctx.actor_ref().clone();
+            self.refresh(&me, true).await;
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! This node's life in the cluster: joining, reporting its load, handing
-//! over keys that moved, and leaving.
+//! This node's life in the cluster: joining, reporting its load, following
+//! owner changes, and leaving.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,16 +47,11 @@ pub async fn join_and_report(svc: Arc<Services>) {
     }
 }
 
-/// Whenever the view changes, stops the actors whose keys moved away.
+/// Whenever owners change, hands over, forgets the connections of members
+/// that are gone and re-registers subscribers and presence at the new
+/// owners (see `chorus_actors::placement::moves`).
 pub async fn hand_over_moved_keys(svc: Arc<Services>) {
-    let mut view = svc.cluster.view_watch();
-    while view.changed().await.is_ok() {
-        let moved = svc.hand_over_moved_keys();
-        if moved > 0 {
-            svc.cluster.metrics.ownership_changes.inc_by(moved as u64);
-            tracing::info!(moved, "actors handed over to their new owners");
-        }
-    }
+    svc.follow_cluster().await;
 }
 
 /// Announces `leaving` and waits (bounded) until this node's own view no

@@ -4,10 +4,12 @@ use std::time::Duration;
 
 use chorus_actors::room::Publish;
 use chorus_actors::services::Replier;
+use chorus_protocol::Encoding;
 use chorus_protocol::EntryKind;
+use chorus_tests::cluster::Sandbox;
 use chorus_tests::store::HeldStore;
-use chorus_tests::{eventually, test_config, test_dir, TestNode};
-use serde_json::Value;
+use chorus_tests::{eventually, metric, test_config, test_dir, Client, TestNode, POLL};
+use serde_json::{json, Value};
 
 fn publication(text: String, replier: Replier) -> Publish {
     Publish {
@@ -84,4 +86,142 @@ async fn a_room_stopped_mid_batch_answers_everything_it_took() {
     let texts: Vec<String> = stored.iter().filter_map(|e| e.text.clone()).collect();
     assert_eq!(texts, (0..10).map(|i| format!("m{i}")).collect::<Vec<_>>());
     node.kill();
+}
+
+/// Sends `text` with `client_id` until an owner acknowledges it, as a
+/// client does across a failover: errors and timeouts are retried (the
+/// retry of a publish that did land answers `duplicate`).
+async fn send_until_acked(client: &mut Client, room: &str, text: &str) -> u64 {
+    let args = json!({"room": room, "text": text, "client_id": text});
+    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
+    loop {
+        match client.request("room.send", args.clone()).await {
+            Ok(v) => return v["offset"].as_u64().expect("an offset"),
+            Err(e) => assert!(e.code.retryable(), "a retryable error, got {e:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "`{text}` not acknowledged within {FAILOVER_BOUND:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Failure detection plus a request timeout, with room to spare on a loaded machine.
+const FAILOVER_BOUND: Duration = Duration::from_secs(30);
+
+/// The offsets of the `entry` pushes on `channel`, up to and with `last`.
+async fn entries_up_to(client: &mut Client, channel: &str, last: u64) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.last() != Some(&last) {
+        let p = client
+            .push_where(|p| p.push == "entry" && p.channel.as_deref() == Some(channel))
+            .await;
+        got.push(p.offset.expect("an entry has an offset"));
+    }
+    got
+}
+
+/// The owner of a room dies. Subscribers on the surviving nodes keep their
+/// subscription without doing anything: their hubs re-register them at the
+/// new owner, which replays what they missed from the store, so each sees
+/// every entry once, in offset order. The dead node's connections leave
+/// presence, and connections whose user actor lived there are announced
+/// again at the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_and_presence_survive_the_death_of_an_owner() {
+    let mut cluster = Sandbox::start(3).await;
+    let room = cluster.key_owned_by(2, "room:failover-");
+    let name = room.trim_start_matches("room:").to_string();
+    // carol's actor survives, her only device does not; dave's actor dies,
+    // his device survives.
+    let carol = cluster.key_owned_by(0, "user:carol-").replace("user:", "");
+    let dave = cluster.key_owned_by(2, "user:dave-").replace("user:", "");
+
+    let mut alice = cluster.node(0).connect("alice", Encoding::Json).await;
+    alice
+        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .await;
+    alice.ok("room.join", json!({"room": name})).await;
+    let mut bob = cluster.node(1).connect("bob", Encoding::MsgPack).await;
+    bob.ok("room.join", json!({"room": name})).await;
+    let _carol = cluster.node(2).connect(&carol, Encoding::Json).await;
+    let _dave = cluster.node(0).connect(&dave, Encoding::Json).await;
+    let w = bob
+        .ok("presence.watch", json!({"users": [carol, dave]}))
+        .await;
+    assert!(
+        w["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["status"] == "online"),
+        "{w}"
+    );
+
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        acked.push(send_until_acked(&mut alice, &name, &format!("before-{i}")).await);
+    }
+    let first = {
+        let mut first = None;
+        for c in [&mut alice, &mut bob] {
+            let got = entries_up_to(c, &room, acked[2]).await;
+            first.get_or_insert(got[0]);
+        }
+        first.unwrap()
+    };
+
+    let _ = cluster.nodes.remove(2).kill();
+    for i in 0..5 {
+        acked.push(send_until_acked(&mut alice, &name, &format!("after-{i}")).await);
+    }
+    assert!(cluster.owner_of(&room) < 2, "the room moved to a survivor");
+    let last = *acked.last().unwrap();
+    for (who, c) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let got = entries_up_to(c, &room, last).await;
+        let want: Vec<u64> = (acked[2] + 1..=last).collect();
+        assert_eq!(
+            got, want,
+            "{who} saw every entry after the kill once, in order"
+        );
+    }
+    let h = bob
+        .ok("history", json!({"channel": room, "after": first - 1}))
+        .await;
+    let texts: Vec<&str> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["text"].as_str())
+        .collect();
+    let mut want: Vec<String> = (0..3).map(|i| format!("before-{i}")).collect();
+    want.extend((0..5).map(|i| format!("after-{i}")));
+    assert_eq!(texts, want, "every acknowledged message is stored once");
+
+    // carol's device died with its node: her watchers see her go offline.
+    let p = bob
+        .push_where(|p| {
+            p.push == "presence"
+                && p.data["user"] == carol.as_str()
+                && p.data["status"] == "offline"
+        })
+        .await;
+    assert_eq!(p.data["devices"], 0);
+    // dave's device lives on: the new owner of his actor knows it.
+    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
+    loop {
+        let q = bob.ok("presence.query", json!({"users": [dave]})).await;
+        // Online or idle (the test's client sends nothing): connected, once.
+        if q["users"][0]["status"] != "offline" && q["users"][0]["devices"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "dave is {q}");
+        tokio::time::sleep(POLL).await;
+    }
+    let m = cluster.node(1).metrics().await;
+    assert!(
+        metric(&m, "chorus_cluster_resubscriptions_total").unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
 }

@@ -28,6 +28,13 @@ pub struct ClusterMetrics {
     pub view_changes: Counter,
     /// Active actors stopped here because their key moved to another node.
     pub ownership_changes: Counter,
+    /// Channels whose local subscribers this node re-registered at a new owner.
+    pub resubscriptions: Counter,
+    /// Stored entries a hub had already delivered (a new owner's replay, or
+    /// two owners at once), dropped instead of delivered twice.
+    pub duplicates_dropped: Counter,
+    /// Members whose connections this node's actors forgot (down, or restarted).
+    pub nodes_gone: Counter,
     /// Requests to another node that got no answer within the deadline.
     pub request_timeouts: Counter,
     /// Gossip datagrams dropped for a missing or wrong signature.
@@ -93,6 +100,21 @@ impl ClusterMetrics {
             "ownership_changes",
             "Actors stopped here because their key moved to another node",
             self.ownership_changes.clone(),
+        );
+        r.register(
+            "resubscriptions",
+            "Channels whose local subscribers were re-registered at a new owner",
+            self.resubscriptions.clone(),
+        );
+        r.register(
+            "duplicates_dropped",
+            "Stored entries a hub had already delivered, dropped instead of delivered twice",
+            self.duplicates_dropped.clone(),
+        );
+        r.register(
+            "nodes_gone",
+            "Members (down or restarted) whose connections this node's actors forgot",
+            self.nodes_gone.clone(),
         );
         r.register(
             "request_timeouts",

@@ -257,6 +257,23 @@ impl Cluster {
         *node == self.me
     }
 
+    /// The owner of `key` in this node's view, with the generation it has
+    /// now (an owner that restarted is another incarnation: its actors
+    /// forgot everything).
+    pub fn owner_incarnation(&self, key: &str) -> (NodeId, u64) {
+        let owner = self.owner(key);
+        let generation = if self.is_me(&owner) {
+            self.generation
+        } else {
+            self.members
+                .borrow()
+                .iter()
+                .find(|m| m.id == owner)
+                .map_or(0, |m| m.generation)
+        };
+        (owner, generation)
+    }
+
     pub async fn set_state(&self, state: MemberState) {
         if let Some(m) = self.membership.lock().await.as_ref() {
             m.set_state(state).await;

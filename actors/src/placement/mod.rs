@@ -16,8 +16,12 @@
 //!   when this node owns it (activating it, retrying on a fresh activation
 //!   if it was stopping), the owner's node over the peer link otherwise
 //!   ([`crate::remote`]); hand-over when the view changes.
+//! - [`moves`]: what a node does when owners change: forgetting the
+//!   connections of a member that is gone, re-registering subscribers and
+//!   presence at the new owners.
 
 pub mod dispatch;
+pub mod moves;
 pub mod registry;
 
 pub use registry::{Placed, Registry};

@@ -80,6 +80,11 @@ impl<A: Actor> Registry<A> {
         gone.iter().filter_map(|k| map.remove(k)).collect()
     }
 
+    /// Every running activation.
+    pub(crate) fn all(&self) -> Vec<ActorRef<A>> {
+        self.map.lock().values().cloned().collect()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.map.lock().len()
     }

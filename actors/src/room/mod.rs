@@ -11,9 +11,11 @@
 //! entry: a request that reached the room is answered.
 
 mod members;
+mod moves;
 mod posts;
 
 pub use members::{Create, Invite, Join, Kick, Leave, Members};
+pub use moves::Resubscribe;
 pub use posts::{Authorize, Edit, Publish, Read, Subscribe, Summary, Typing, Unsubscribe};
 
 use std::collections::HashMap;
@@ -22,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use chorus_protocol::ops::{ReceiptPush, RoomSummary, TypingPush};
 use chorus_protocol::{
-    now_ms, Channel, ChannelHead, ChannelKind, Entry, EntryKind, ErrorCode, Member, Priority, Role,
-    RoomInfo, RoomKind,
+    now_ms, Channel, ChannelHead, ChannelKind, Entry, EntryKind, ErrorCode, Member, Priority, Push,
+    Role, RoomInfo, RoomKind, ServerFrame, SharedFrame,
 };
 use chorus_storage::{ErrorKind, StorageError};
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
@@ -121,6 +123,7 @@ impl Actor for RoomActor {
             let committed = self.log.wait_written().await;
             self.on_committed(committed).await;
         }
+        self.release_subscribers().await;
         self.svc.metrics.active_rooms.dec();
         Ok(())
     }

@@ -1,0 +1,206 @@
+//! What a node does when owners change under it: a member died, restarted,
+//! joined or left.
+//!
+//! On every change of the `up` members (or of a member's generation: it
+//! restarted) each node
+//! - stops its actors whose key moved away ([`Services::hand_over`]);
+//! - makes its actors forget the connections of members that are gone
+//!   (down, or a new generation): rooms stop sending to them, users drop
+//!   those devices (offline, with `last_seen`, if it was their last);
+//! - re-registers its hub's subscribers of every channel whose owner is not
+//!   the one they were registered with, at the owner now, from the last
+//!   stored entry the hub delivered (the owner replays the gap from the
+//!   store: `room::Resubscribe`);
+//! - has each of its connections announce itself again to its user's
+//!   owner, and watch again the users it watches, where that owner is not
+//!   the incarnation it announced itself to (`conn::Reannounce`).
+//!
+//! Views disagree for a while after a change: a re-registration may reach
+//! a node that forwards it to the old owner, where it is lost. So both are
+//! reconciled until they hold: the hub's registrations every
+//! [`RECONCILE_EVERY`] (a channel at most once per [`RESEND_AFTER`]), a
+//! connection's announcements by the connection itself, which retries
+//! until its user's owner answered.
+//!
+//! A room that stops with subscribers (hand-over, shutdown) tells their
+//! nodes ([`crate::remote::PeerMsg::OwnerStopped`]), which re-register them
+//! the same way as soon as their view names another owner.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::NodeId;
+use crate::cluster::{MemberState, Members};
+use crate::conn::Reannounce;
+use crate::hub::{ConnAddr, Registration, Registrations};
+use crate::room::{self, RoomActor};
+use crate::services::Services;
+
+/// How often a node checks that its subscribers are registered at their owners.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a re-registration may take before it is sent again.
+pub const RESEND_AFTER: Duration = Duration::from_secs(3);
+
+impl Services {
+    /// Follows the cluster's members for as long as the node runs, handling
+    /// each change as the module docs say.
+    pub async fn follow_cluster(self: Arc<Self>) {
+        let mut members = self.cluster.members_watch();
+        let mut view = self.cluster.view();
+        let mut known = generations(&members.borrow_and_update());
+        let mut sent: HashMap<String, Instant> = HashMap::new();
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        loop {
+            tokio::select! {
+                r = members.changed() => if r.is_err() { return },
+                _ = tick.tick() => {
+                    if self.is_stopping() {
+                        return;
+                    }
+                    self.reconcile(&mut sent, &HashMap::new()).await;
+                    continue;
+                }
+            }
+            if self.is_stopping() {
+                return;
+            }
+            let now = generations(&members.borrow_and_update());
+            // A member that is down, or back with a new generation: its old
+            // incarnation's connections (ids below the new generation) are gone.
+            let gone: HashMap<NodeId, Option<u64>> = known
+                .iter()
+                .filter(|(id, generation)| now.get(*id) != Some(*generation))
+                .map(|(id, _)| (id.clone(), now.get(id).copied()))
+                .collect();
+            known = now;
+            let current = self.cluster.view();
+            if *current == *view && gone.is_empty() {
+                continue;
+            }
+            view = current;
+            self.owners_changed(&gone).await;
+            sent.clear();
+            self.reconcile(&mut sent, &gone).await;
+        }
+    }
+
+    async fn owners_changed(self: &Arc<Self>, gone: &HashMap<NodeId, Option<u64>>) {
+        let moved = self.hand_over_moved_keys();
+        if moved > 0 {
+            self.cluster.metrics.ownership_changes.inc_by(moved as u64);
+            tracing::info!(moved, "actors handed over to their new owners");
+        }
+        for (node, newer) in gone {
+            if self.cluster.is_me(node) {
+                continue;
+            }
+            self.cluster.metrics.nodes_gone.inc();
+            tracing::info!(%node, "forgetting the connections of a member that is gone");
+            let gone = NodeGone {
+                node: node.clone(),
+                below: newer.unwrap_or(u64::MAX),
+            };
+            for r in self.rooms.all() {
+                let _ = r.tell(gone.clone()).await;
+            }
+            for u in self.users.all() {
+                let _ = u.tell(gone.clone()).await;
+            }
+        }
+        for conn in self.local_conns() {
+            let _ = conn.tell(Reannounce).await;
+        }
+    }
+
+    /// Re-registers the subscribers of every channel registered with
+    /// another node than its owner now, or with a member that is gone.
+    async fn reconcile(
+        self: &Arc<Self>,
+        sent: &mut HashMap<String, Instant>,
+        gone: &HashMap<NodeId, Option<u64>>,
+    ) {
+        let Ok(regs) = self.hub.ask(Registrations { channel: None }).await else {
+            return;
+        };
+        sent.retain(|_, at| at.elapsed() < RESEND_AFTER);
+        for reg in regs {
+            let owner = self.cluster.owner(&reg.channel);
+            let stale = match &reg.owner {
+                Some(o) => *o != owner || gone.contains_key(o),
+                None => true,
+            };
+            if stale && !sent.contains_key(&reg.channel) {
+                sent.insert(reg.channel.clone(), Instant::now());
+                self.resubscribe(reg).await;
+            }
+        }
+    }
+
+    /// `from`'s actor of `channel` stopped with subscribers here.
+    pub(crate) fn owner_stopped(self: &Arc<Self>, from: NodeId, channel: String) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            if svc.is_stopping() {
+                return;
+            }
+            let regs = svc
+                .hub
+                .ask(Registrations {
+                    channel: Some(channel.clone()),
+                })
+                .await
+                .unwrap_or_default();
+            for reg in regs {
+                // Registered with someone else since, or `from` is still the
+                // owner as this node sees it: reconciling re-registers them
+                // once the view names another.
+                let owner = svc.cluster.owner(&channel);
+                if reg.owner.as_ref() == Some(&from) && owner != from {
+                    svc.resubscribe(reg).await;
+                }
+            }
+        });
+    }
+
+    /// Registers a channel's local subscribers at its owner now.
+    async fn resubscribe(self: &Arc<Self>, reg: Registration) {
+        if reg.conns.is_empty() {
+            return;
+        }
+        self.cluster.metrics.resubscriptions.inc();
+        let msg = room::Resubscribe {
+            node: self.cluster.me().clone(),
+            conns: reg.conns,
+            after: reg.last,
+        };
+        if let Err(f) = self.tell::<RoomActor, _>(&reg.channel, msg).await {
+            tracing::warn!(channel = %reg.channel, error = %f, "re-registering subscribers failed");
+        }
+    }
+}
+
+/// A member is down or restarted: the connections it had are gone. They
+/// are those of `node` with ids below `below` (a node numbers its
+/// connections from its generation, so a newer incarnation's are above).
+#[derive(Clone)]
+pub struct NodeGone {
+    pub node: NodeId,
+    pub below: u64,
+}
+
+impl NodeGone {
+    pub fn covers(&self, conn: &ConnAddr) -> bool {
+        conn.node == self.node && conn.conn < self.below
+    }
+}
+
+/// The generation of every member that is not down.
+fn generations(members: &Members) -> HashMap<NodeId, u64> {
+    members
+        .iter()
+        .filter(|m| m.state != MemberState::Down)
+        .map(|m| (m.id.clone(), m.generation))
+        .collect()
+}

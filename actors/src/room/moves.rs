@@ -1,0 +1,91 @@
+//! A room's subscribers across owner changes: taking over the subscribers
+//! another owner had ([`Resubscribe`]), forgetting those of a node that is
+//! gone ([`NodeGone`]), and telling the subscribed nodes when this actor
+//! stops, so their hubs register them again at the owner.
+
+use super::*;
+use crate::hub::{ConnId, Position};
+use crate::placement::moves::NodeGone;
+use crate::placement::NodeId;
+use crate::remote::PeerMsg;
+
+/// `node`'s hub registers its subscribers of this channel here, the owner
+/// now; their stream stands at `after` (the last stored entry they got).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Resubscribe {
+    pub node: NodeId,
+    /// Each connection on `node` with its user.
+    pub conns: Vec<(ConnId, String)>,
+    pub after: Option<Position>,
+}
+
+impl Message<Resubscribe> for RoomActor {
+    type Reply = ();
+    async fn handle(&mut self, m: Resubscribe, _: &mut Context<Self, ()>) {
+        self.last_used = Instant::now();
+        // Access is checked again: a member removed meanwhile stops receiving
+        // the room, as a kicked one does.
+        let (allowed, refused): (Vec<_>, Vec<_>) = m
+            .conns
+            .into_iter()
+            .partition(|(_, user)| self.check_read(Some(user)).is_ok());
+        for (conn, _) in refused {
+            let addr = ConnAddr {
+                node: m.node.clone(),
+                conn,
+            };
+            self.svc.hub_unsubscribe(&self.key, &addr).await;
+        }
+        if allowed.is_empty() {
+            return;
+        }
+        let conns: Vec<ConnId> = allowed.iter().map(|(c, _)| *c).collect();
+        let reason = match self.log.resubscribe(&m.node, allowed, m.after).await {
+            Ok(Ok(())) => return,
+            Ok(Err(reason)) => reason,
+            Err(f) => {
+                tracing::warn!(channel = %self.key, error = %f, "taking over subscribers failed");
+                "unavailable"
+            }
+        };
+        // They cannot resume without a gap: end their subscriptions and say
+        // so; the client subscribes again with its (offset, epoch).
+        let frame = Arc::new(SharedFrame::new(ServerFrame::Push(Push::ephemeral(
+            "resubscribe",
+            Some(self.key.clone()),
+            json!({ "reason": reason }),
+        ))));
+        for conn in conns {
+            let addr = ConnAddr {
+                node: m.node.clone(),
+                conn,
+            };
+            self.svc.hub_unsubscribe(&self.key, &addr).await;
+            self.svc.send_to(&addr, frame.clone()).await;
+        }
+    }
+}
+
+impl Message<NodeGone> for RoomActor {
+    type Reply = ();
+    async fn handle(&mut self, m: NodeGone, _: &mut Context<Self, ()>) {
+        self.log.drop_gone(&m);
+    }
+}
+
+impl RoomActor {
+    /// Tells every node with subscribers here that this actor stopped.
+    pub(super) async fn release_subscribers(&self) {
+        let msg = PeerMsg::OwnerStopped {
+            channel: self.key.clone(),
+        };
+        for node in self.log.subscribed_nodes() {
+            if self.svc.cluster.is_me(node) {
+                self.svc
+                    .owner_stopped(self.svc.cluster.me().clone(), self.key.clone());
+            } else {
+                self.svc.send_peer(node, &msg).await;
+            }
+        }
+    }
+}
