@@ -1056,6 +1056,13 @@ export class ChorusClient extends Emitter<ClientEvents> {
       case "presence":
         this.emit("presence", p.data as Presence);
         break;
+      case "resubscribe": {
+        // The server ended this subscription (a new owner could not continue
+        // it without a gap): subscribe again from the last (offset, epoch).
+        const sub = p.channel ? this.subs.get(p.channel) : undefined;
+        if (sub) this._resubscribe(sub);
+        break;
+      }
       case "notifications":
         this.emit("notifications", p.data as NotificationsPush);
         break;

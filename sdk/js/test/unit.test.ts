@@ -194,6 +194,27 @@ test("live entries that arrive before the subscribe reply wait: missed first, ne
   c.close();
 });
 
+test("a resubscribe push: the client subscribes again from its last offset and epoch", async () => {
+  const { c } = fresh();
+  await c.connect();
+  const seen: number[] = [];
+  const p = c.subscribe("room:r", { onEntry: (e) => seen.push(e.offset) });
+  await waitFor(() => FakeWS.last.request("subscribe"), "subscribe sent");
+  const first = FakeWS.last.request("subscribe");
+  FakeWS.last.reply(first.id, { channel: "room:r", epoch: "e1", offset: 2, recovered: true, missed: [] });
+  await p;
+  const entry = (offset: number): Entry => ({ offset, kind: "message", msg_seq: offset, ts: 0, text: `t${offset}` });
+  FakeWS.last.push({ push: "entry", channel: "room:r", epoch: "e1", offset: 3, data: entry(3) });
+  FakeWS.last.push({ push: "resubscribe", channel: "room:r", ephemeral: true, data: { reason: "too_far_behind" } });
+  await waitFor(() => FakeWS.last.sent.filter((f) => f.op === "subscribe").length === 2, "subscribed again");
+  const again = FakeWS.last.sent.filter((f) => f.op === "subscribe")[1];
+  assert.deepEqual(again.args, { channel: "room:r", offset: 3, epoch: "e1" });
+  FakeWS.last.reply(again.id, { channel: "room:r", epoch: "e1", offset: 5, recovered: true, missed: [entry(4), entry(5)] });
+  await waitFor(() => seen.length === 3, "missed entries delivered");
+  assert.deepEqual(seen, [3, 4, 5]);
+  c.close();
+});
+
 test("typing repeats while keystrokes continue and stops by itself", async () => {
   const { c } = fresh({ typingIntervalMs: 30 });
   await c.connect();
