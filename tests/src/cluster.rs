@@ -22,6 +22,9 @@ pub struct Sandbox {
     /// The in-memory transport of a partitionable sandbox.
     net: Option<MemoryNetwork>,
     faults: Vec<Faults>,
+    /// The CQL keyspace the nodes share, or the embedded store they share.
+    cql: Option<(String, String)>,
+    shared: Option<Arc<dyn Store>>,
 }
 
 /// A fresh keyspace name the storage tests sweep up later.
@@ -154,9 +157,34 @@ impl Sandbox {
             }
             nodes.push(node);
         }
-        let sandbox = Sandbox { nodes, net, faults };
+        let sandbox = Sandbox {
+            nodes,
+            net,
+            faults,
+            cql: cql.map(|(a, k)| (a.to_string(), k.to_string())),
+            shared,
+        };
         sandbox.wait_converged().await;
         sandbox
+    }
+
+    /// Starts one more node (`node-{n}`), seeded by node 0, on the same
+    /// store, and waits until every node sees every node `up`.
+    pub async fn join(&mut self) {
+        let i = self.nodes.len();
+        let seed = self.nodes[0].handle().services().cluster.gossip_addr();
+        let cql = self.cql.as_ref().map(|(a, k)| (a.as_str(), k.as_str()));
+        let (config, dir) = node_config(i, seed, cql);
+        let deps = Deps {
+            store: self.shared.clone(),
+            transport: self.net.as_ref().map(|net| net.transport(&config.node.id)),
+            faults: Faults::default(),
+            ..Deps::default()
+        };
+        self.faults.push(deps.faults.clone());
+        self.nodes
+            .push(TestNode::start_deps(dir, config, deps).await);
+        self.wait_converged().await;
     }
 
     /// Nodes `a` and `b` can no longer reach each other: neither gossip nor

@@ -225,3 +225,71 @@ async fn subscribers_and_presence_survive_the_death_of_an_owner() {
         "{m}"
     );
 }
+
+/// A node joins while messages flow: the room it now owns moves to it (its
+/// old owner hands it over), every publish is acknowledged after at most a
+/// retry, and subscribers on the old nodes go on receiving every entry
+/// once, in order, without subscribing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_under_load_and_subscribers_follow_the_moved_room() {
+    use chorus_actors::placement::{NodeId, View};
+    let mut cluster = Sandbox::start(2).await;
+    let three = View::new(["node-0", "node-1", "node-2"].map(NodeId::new));
+    let room = (0..10_000)
+        .map(|i| format!("room:joiner-{i}"))
+        .find(|k| three.owner(k).map(NodeId::as_str) == Some("node-2"))
+        .expect("some key moves to the joiner");
+    let name = room.trim_start_matches("room:").to_string();
+
+    let mut alice = cluster.node(0).connect("alice", Encoding::Json).await;
+    alice
+        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .await;
+    alice.ok("room.join", json!({"room": name})).await;
+    let mut bob = cluster.node(1).connect("bob", Encoding::MsgPack).await;
+    bob.ok("room.join", json!({"room": name})).await;
+    let mut carol = cluster.node(1).connect("carol", Encoding::Json).await;
+    carol.ok("room.join", json!({"room": name})).await;
+
+    let publisher = tokio::spawn({
+        let name = name.clone();
+        async move {
+            let mut acked = Vec::new();
+            for i in 0..40 {
+                acked.push(send_until_acked(&mut carol, &name, &format!("m{i}")).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acked
+        }
+    });
+    cluster.join().await;
+    let acked = publisher.await.expect("the publisher finished");
+    assert_eq!(cluster.owner_of(&room), 2, "the room moved to the joiner");
+    let mut sorted = acked.clone();
+    sorted.dedup();
+    assert_eq!(sorted, acked, "acknowledged in order, each once");
+
+    let last = *acked.last().unwrap();
+    for (who, c) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let got = entries_up_to(c, &room, last).await;
+        let from = got[0];
+        assert_eq!(
+            got,
+            (from..=last).collect::<Vec<u64>>(),
+            "{who} saw every entry once, in order"
+        );
+        assert!(from <= acked[0], "{who} saw them all");
+    }
+    // Traffic after the move reaches them too.
+    let next = send_until_acked(&mut alice, &name, "after the join").await;
+    for c in [&mut alice, &mut bob] {
+        assert_eq!(entries_up_to(c, &room, next).await, vec![next]);
+    }
+    for i in 0..2 {
+        let m = cluster.node(i).metrics().await;
+        assert!(
+            metric(&m, "chorus_cluster_resubscriptions_total").unwrap_or(0.0) >= 1.0,
+            "node {i} re-registered its subscribers: {m}"
+        );
+    }
+}
