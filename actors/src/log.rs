@@ -406,6 +406,27 @@ impl<T: Send + 'static> ChannelLog<T> {
         }
     }
 
+    /// Catches up with what another writer stored (a second owner while
+    /// views disagreed): moves to the stored head `stored` if it is ahead in
+    /// the same epoch and pushes the entries in between to every subscriber.
+    /// Returns whether the head moved. Only between writes.
+    pub async fn adopt(&mut self, stored: ChannelHead) -> bool {
+        if self.is_writing() {
+            return false;
+        }
+        let ahead = match &self.head {
+            Some(h) => h.epoch == stored.epoch && stored.offset > h.offset,
+            None => true,
+        };
+        if !ahead {
+            return false;
+        }
+        let to = stored.offset;
+        self.head = Some(stored);
+        self.push_stored(to).await;
+        true
+    }
+
     /// Pushes the stored entries after the last one pushed, up to `to`.
     async fn push_stored(&mut self, to: u64) {
         let mut from = self.fanned + 1;

@@ -3,7 +3,9 @@
 //!
 //! On every change of the `up` members (or of a member's generation: it
 //! restarted) each node
-//! - stops its actors whose key moved away ([`Services::hand_over`]);
+//! - stops its actors whose key moved away ([`Services::hand_over`]), and
+//!   has the rooms it keeps reload their head and membership (another node
+//!   may have written while views disagreed: `room::Refresh`);
 //! - makes its actors forget the connections of members that are gone
 //!   (down, or a new generation): rooms stop sending to them, users drop
 //!   those devices (offline, with `last_seen`, if it was their last);
@@ -108,6 +110,9 @@ impl Services {
             for u in self.users.all() {
                 let _ = u.tell(gone.clone()).await;
             }
+        }
+        for r in self.rooms.all() {
+            let _ = r.tell(room::Refresh).await;
         }
         for conn in self.local_conns() {
             let _ = conn.tell(Reannounce).await;

@@ -15,7 +15,7 @@ mod moves;
 mod posts;
 
 pub use members::{Create, Invite, Join, Kick, Leave, Members};
-pub use moves::Resubscribe;
+pub use moves::{Refresh, Resubscribe};
 pub use posts::{Authorize, Edit, Publish, Read, Subscribe, Summary, Typing, Unsubscribe};
 
 use std::collections::HashMap;

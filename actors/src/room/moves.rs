@@ -73,6 +73,39 @@ impl Message<NodeGone> for RoomActor {
     }
 }
 
+/// Owners changed: another node may have written here meanwhile (views
+/// disagreed, or a partition healed). Reload the head and the membership.
+pub struct Refresh;
+
+impl Message<Refresh> for RoomActor {
+    type Reply = ();
+    async fn handle(&mut self, _: Refresh, _: &mut Context<Self, ()>) {
+        if self.log.is_writing() {
+            // The write's result reloads the head if someone else wrote.
+            return;
+        }
+        let head = match self.svc.store.channel_head(&self.key).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(channel = %self.key, error = %e, "reloading the head failed");
+                return;
+            }
+        };
+        if !self.log.adopt(head).await || self.channel.kind != ChannelKind::Room {
+            return;
+        }
+        // Entries another writer stored may have changed the membership.
+        let name = self.channel.name.clone();
+        match self.svc.store.members(&name).await {
+            Ok(members) => {
+                self.members = members.into_iter().map(|m| (m.user.clone(), m)).collect();
+            }
+            Err(e) => tracing::warn!(channel = %self.key, error = %e, "reloading members failed"),
+        }
+    }
+}
+
 impl RoomActor {
     /// Tells every node with subscribers here that this actor stopped.
     pub(super) async fn release_subscribers(&self) {
