@@ -85,6 +85,53 @@ async fn a_room_is_served_across_three_nodes_with_one_copy_per_node() {
     }
 }
 
+/// The figure: one publisher, 1,000 subscribers spread over three
+/// nodes. Each publication leaves the topic's owner exactly twice (once to
+/// each other node), and every subscriber gets every one, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_subscribers_on_three_nodes_cost_two_sends_per_message() {
+    let cluster = Sandbox::start(3).await;
+    let topic = cluster.key_owned_by(0, "topic:wide-");
+    let name = topic.trim_start_matches("topic:").to_string();
+    let mut subscribers = Vec::with_capacity(1000);
+    for i in 0..1000 {
+        let mut s = cluster
+            .node(i % 3)
+            .connect(&format!("s{i}"), Encoding::MsgPack)
+            .await;
+        s.ok("subscribe", json!({"channel": topic})).await;
+        subscribers.push(s);
+    }
+    let token = cluster.node(1).token_with(
+        "pub",
+        std::time::Duration::from_secs(3600),
+        Some(json!({"publish": ["wide-*"]})),
+    );
+    let mut publisher = cluster.node(1).connect_token(&token, Encoding::Json).await;
+    let before = remote_deliveries(cluster.node(0)).await;
+    let mut offsets = Vec::new();
+    for i in 0..5 {
+        let r = publisher
+            .ok("topic.publish", json!({"topic": name, "data": {"n": i}}))
+            .await;
+        offsets.push(r["offset"].as_u64().unwrap());
+    }
+    for s in &mut subscribers {
+        for (i, o) in offsets.iter().enumerate() {
+            let p = s.entry(&topic, "publish").await;
+            assert_eq!(
+                (p.offset, p.data["data"]["n"].as_u64()),
+                (Some(*o), Some(i as u64))
+            );
+        }
+    }
+    let sent = remote_deliveries(cluster.node(0)).await - before;
+    assert_eq!(
+        sent, 10.0,
+        "5 publications x 2 other nodes, for 667 remote sockets"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_typing_receipts_and_notifications_cross_nodes() {
     let cluster = Sandbox::start(3).await;
