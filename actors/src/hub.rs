@@ -184,8 +184,9 @@ pub struct Hub {
     users: HashMap<ConnId, String>,
     channels: HashMap<String, Chan>,
     conn_channels: HashMap<ConnId, HashSet<String>>,
-    /// Requests of local connections that another node is to answer here.
-    awaited: HashMap<ConnId, HashSet<u64>>,
+    /// Requests of local connections that another node is to answer here,
+    /// with that node.
+    awaited: HashMap<ConnId, HashMap<u64, NodeId>>,
     /// Those answered 5004 here for want of an answer in time: a late one is dropped.
     overdue: HashMap<ConnId, HashMap<u64, Instant>>,
     metrics: Arc<Metrics>,
@@ -291,6 +292,14 @@ pub struct SendTo {
 pub struct ExpectReply {
     pub conn: ConnId,
     pub id: u64,
+    /// The node it was sent to.
+    pub node: NodeId,
+}
+
+/// `node` is down or restarted: the requests it was to answer are answered
+/// 5004 now.
+pub struct PeerGone {
+    pub node: NodeId,
 }
 
 /// The request timeout of an [`ExpectReply`] has passed.
@@ -403,7 +412,7 @@ impl Message<SendTo> for Hub {
             let awaited = self
                 .awaited
                 .get_mut(&m.conn)
-                .is_some_and(|ids| ids.remove(&r.id));
+                .is_some_and(|ids| ids.remove(&r.id).is_some());
             let late = !awaited
                 && self
                     .overdue
@@ -421,7 +430,7 @@ impl Message<ExpectReply> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: ExpectReply, _: &mut Context<Self, ()>) {
         if self.conns.contains_key(&m.conn) {
-            self.awaited.entry(m.conn).or_default().insert(m.id);
+            self.awaited.entry(m.conn).or_default().insert(m.id, m.node);
         }
     }
 }
@@ -435,21 +444,48 @@ impl Message<ReplyDue> for Hub {
         let Some(ids) = self.awaited.get_mut(&m.conn) else {
             return;
         };
-        if !ids.remove(&m.id) {
+        if ids.remove(&m.id).is_none() {
             return;
         }
-        let overdue = self.overdue.entry(m.conn).or_default();
-        overdue.retain(|_, at| at.elapsed() < OVERDUE_MEMORY);
-        overdue.insert(m.id, Instant::now());
         self.metrics.cluster.request_timeouts.inc();
-        let reply = Reply::err(
+        self.answer_unanswered(
+            m.conn,
             m.id,
-            ErrorCode::Overloaded,
             "the owning node did not answer in time, retry",
         );
+    }
+}
+
+impl Message<PeerGone> for Hub {
+    type Reply = ();
+    async fn handle(&mut self, m: PeerGone, _: &mut Context<Self, ()>) {
+        let mut gone = Vec::new();
+        for (conn, ids) in &mut self.awaited {
+            ids.retain(|id, node| {
+                let keep = *node != m.node;
+                if !keep {
+                    gone.push((*conn, *id));
+                }
+                keep
+            });
+        }
+        for (conn, id) in gone {
+            self.answer_unanswered(conn, id, "the owning node went down, retry");
+        }
+    }
+}
+
+impl Hub {
+    /// Answers request `id` of `conn` with a retryable 5004 in place of the
+    /// other node, and drops that node's answer if it comes after all.
+    fn answer_unanswered(&mut self, conn: ConnId, id: u64, why: &str) {
+        let overdue = self.overdue.entry(conn).or_default();
+        overdue.retain(|_, at| at.elapsed() < OVERDUE_MEMORY);
+        overdue.insert(id, Instant::now());
         self.metrics.error(ErrorCode::Overloaded);
+        let reply = Reply::err(id, ErrorCode::Overloaded, why);
         let frame = Arc::new(SharedFrame::new(ServerFrame::Reply(reply)));
-        self.send(m.conn, &frame);
+        self.send(conn, &frame);
     }
 }
 

@@ -22,7 +22,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::hub::{
-    ConnAddr, ConnId, Deliver, ExpectReply, Position, ReplyDue, SendTo, Subscribe, Unsubscribe,
+    ConnAddr, ConnId, Deliver, ExpectReply, PeerGone, Position, ReplyDue, SendTo, Subscribe,
+    Unsubscribe,
 };
 use crate::placement::{ActorKind, NodeId, Placed};
 use crate::services::{Replier, Services};
@@ -326,12 +327,13 @@ impl Services {
     /// it straight to this node's hub: if no answer is there within the
     /// request timeout (the owner died), the hub answers 5004 itself and
     /// drops a late answer, so the client always gets exactly one reply.
-    async fn expect_reply(&self, conn: &ConnAddr, id: u64) {
+    async fn expect_reply(&self, to: &NodeId, conn: &ConnAddr, id: u64) {
         if !self.cluster.is_me(&conn.node) {
             return;
         }
         let conn = conn.conn;
-        if self.hub.tell(ExpectReply { conn, id }).await.is_err() {
+        let node = to.clone();
+        if self.hub.tell(ExpectReply { conn, id, node }).await.is_err() {
             return;
         }
         let hub = self.hub.downgrade();
@@ -344,12 +346,34 @@ impl Services {
         });
     }
 
-    /// A correlation id for an answer from another node, and its receiver.
-    fn expect_answer(&self) -> (u64, oneshot::Receiver<Result<Value, Fail>>) {
+    /// A correlation id for an answer from node `to`, and its receiver.
+    fn expect_answer(&self, to: &NodeId) -> (u64, oneshot::Receiver<Result<Value, Fail>>) {
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(corr, tx);
+        self.pending.lock().insert(corr, (to.clone(), tx));
         (corr, rx)
+    }
+
+    /// `node` is down or restarted: what it was to answer never comes.
+    /// Those waiting on it get a retryable 5004 now rather than at their
+    /// deadline, and so do this node's connections (through the hub).
+    pub(crate) async fn fail_requests_to(&self, node: &NodeId) {
+        let waiting: Vec<_> = {
+            let mut pending = self.pending.lock();
+            let corrs: Vec<u64> = pending
+                .iter()
+                .filter(|(_, (to, _))| to == node)
+                .map(|(c, _)| *c)
+                .collect();
+            corrs.iter().filter_map(|c| pending.remove(c)).collect()
+        };
+        for (_, tx) in waiting {
+            let _ = tx.send(Err(Fail::new(
+                ErrorCode::Overloaded,
+                "the owning node went down, retry",
+            )));
+        }
+        let _ = self.hub.tell(PeerGone { node: node.clone() }).await;
     }
 
     /// Waits for an answer, at most the request timeout (then 5004).
@@ -376,12 +400,12 @@ impl Services {
 
     /// Before a message leaves: an in-process waiter becomes a remote
     /// replier whose answer is awaited here (with the request deadline).
-    fn make_remote<M: Wire>(self: &Arc<Self>, msg: &mut M) {
+    fn make_remote<M: Wire>(self: &Arc<Self>, to: &NodeId, msg: &mut M) {
         let Some(replier) = msg.replier() else { return };
         if !matches!(replier, Replier::Waiter(_)) {
             return;
         }
-        let (corr, rx) = self.expect_answer();
+        let (corr, rx) = self.expect_answer(to);
         let Replier::Waiter(tx) = std::mem::replace(
             replier,
             Replier::Remote {
@@ -405,9 +429,9 @@ impl Services {
         mut msg: M,
         if_active: bool,
     ) -> Result<(), Fail> {
-        self.make_remote(&mut msg);
+        self.make_remote(node, &mut msg);
         if let Some((conn, id)) = msg.awaited() {
-            self.expect_reply(&conn, id).await;
+            self.expect_reply(node, &conn, id).await;
         }
         let envelope = Envelope {
             kind: A::KIND,
@@ -428,7 +452,7 @@ impl Services {
         msg: M,
         if_active: bool,
     ) -> Result<T, Fail> {
-        let (corr, rx) = self.expect_answer();
+        let (corr, rx) = self.expect_answer(node);
         let envelope = Envelope {
             kind: A::KIND,
             key: key.to_string(),
@@ -474,7 +498,7 @@ impl Services {
         match msg {
             PeerMsg::Actor(e) => self.on_envelope(e).await,
             PeerMsg::Answer { corr, result } => {
-                if let Some(tx) = self.pending.lock().remove(&corr) {
+                if let Some((_, tx)) = self.pending.lock().remove(&corr) {
                     let _ = tx.send(result);
                 }
             }

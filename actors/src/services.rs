@@ -103,7 +103,8 @@ pub struct Services {
     conns: Mutex<HashMap<ConnId, WeakActorRef<ConnActor>>>,
     pub(crate) stopping: AtomicBool,
     /// Callers waiting on another node's answer, by correlation id.
-    pub(crate) pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, Fail>>>>,
+    /// Callers waiting on another node's answer, by correlation id, with that node.
+    pub(crate) pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Result<Value, Fail>>)>>,
     pub(crate) next_corr: AtomicU64,
 }
 

@@ -178,5 +178,11 @@ mod tests {
             }
         }
         assert!((1200..=1800).contains(&moved), "{moved} of 6000 moved");
+        // The figure in docs/benchmarks.md (`-- --nocapture` prints it).
+        eprintln!(
+            "3 -> 4 nodes: {moved} of {} keys moved ({:.1}%; 1/4 = 25%)",
+            keys.len(),
+            100.0 * moved as f64 / keys.len() as f64
+        );
     }
 }

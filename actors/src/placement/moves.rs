@@ -100,6 +100,7 @@ impl Services {
             }
             self.cluster.metrics.nodes_gone.inc();
             tracing::info!(%node, "forgetting the connections of a member that is gone");
+            self.fail_requests_to(node).await;
             let gone = NodeGone {
                 node: node.clone(),
                 below: newer.unwrap_or(u64::MAX),
