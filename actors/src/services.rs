@@ -87,6 +87,9 @@ impl Replier {
     }
 }
 
+/// Where another node's answer is handed to the caller waiting for it.
+pub(crate) type AnswerTx = oneshot::Sender<Result<Value, Fail>>;
+
 /// Shared by every actor of the node.
 pub struct Services {
     pub config: ActorConfig,
@@ -104,7 +107,7 @@ pub struct Services {
     pub(crate) stopping: AtomicBool,
     /// Callers waiting on another node's answer, by correlation id.
     /// Callers waiting on another node's answer, by correlation id, with that node.
-    pub(crate) pending: Mutex<HashMap<u64, (NodeId, oneshot::Sender<Result<Value, Fail>>)>>,
+    pub(crate) pending: Mutex<HashMap<u64, (NodeId, AnswerTx)>>,
     pub(crate) next_corr: AtomicU64,
 }
 
