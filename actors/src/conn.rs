@@ -769,6 +769,31 @@ pub struct Inbound(pub RawRequest);
 /// answered.
 pub struct Reannounce;
 
+/// `node` forgot this node's connections (it saw this node down for a
+/// while): whatever was announced to it is to be announced again.
+pub struct Forgotten {
+    pub node: NodeId,
+}
+
+impl Message<Forgotten> for ConnActor {
+    type Reply = ();
+    async fn handle(&mut self, m: Forgotten, ctx: &mut Context<Self, ()>) {
+        if self
+            .announced_to
+            .as_ref()
+            .is_some_and(|(n, _)| *n == m.node)
+        {
+            self.announced_to = None;
+        }
+        for at in self.watching.values_mut() {
+            if at.0 == m.node {
+                at.1 = u64::MAX;
+            }
+        }
+        drop(ctx.actor_ref().tell(Reannounce).try_send());
+    }
+}
+
 /// How soon a connection tries again to announce itself to a new owner.
 const REANNOUNCE_RETRY: Duration = Duration::from_secs(1);
 

@@ -62,6 +62,9 @@ pub enum PeerMsg {
     OwnerStopped {
         channel: String,
     },
+    /// The sender saw this node down and forgot its connections and
+    /// subscribers: they are to be registered and announced again.
+    Forgotten,
 }
 
 /// A message for the actor of `kind` and `key`.
@@ -524,6 +527,7 @@ impl Services {
                 let _ = self.hub.tell(Unsubscribe { channel, conn }).await;
             }
             PeerMsg::OwnerStopped { channel } => self.owner_stopped(from, channel),
+            PeerMsg::Forgotten => self.forgotten_by(from),
         }
     }
 
@@ -620,6 +624,7 @@ mod tests {
             PeerMsg::OwnerStopped {
                 channel: "room:lobby".into(),
             },
+            PeerMsg::Forgotten,
             PeerMsg::Actor(Envelope {
                 kind: ActorKind::Room,
                 key: "room:lobby".into(),

@@ -217,18 +217,25 @@ impl TestNode {
     }
 
     pub async fn connect(&self, user: &str, encoding: Encoding) -> Client {
-        let url = format!("ws://{}/ws", self.next_addr());
-        Client::connect(&url, &self.token(user), encoding)
-            .await
-            .expect("connect")
+        self.connect_token(&self.token(user), encoding).await
     }
 
-    /// Connects with a given token (claims, short lifetimes).
+    /// Connects with a given token (claims, short lifetimes). A retryable
+    /// refusal (5004: in a cluster, the user's owner did not answer, as when
+    /// the failure detector briefly suspects a loaded node) is retried, as a
+    /// client does, until [`WAIT`].
     pub async fn connect_token(&self, token: &str, encoding: Encoding) -> Client {
-        let url = format!("ws://{}/ws", self.next_addr());
-        Client::connect(&url, token, encoding)
-            .await
-            .expect("connect")
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let url = format!("ws://{}/ws", self.next_addr());
+            match Client::connect(&url, token, encoding).await {
+                Ok(c) => return c,
+                Err(r) if r.code == Some(5004) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(r) => panic!("connect: {r:?}"),
+            }
+        }
     }
 
     /// `GET /metrics` as text.

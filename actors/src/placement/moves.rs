@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use super::NodeId;
 use crate::cluster::{MemberState, Members};
-use crate::conn::Reannounce;
+use crate::conn::{Forgotten, Reannounce};
 use crate::hub::{ConnAddr, Registration, Registrations};
+use crate::remote::PeerMsg;
 use crate::room::{self, RoomActor};
 use crate::services::Services;
 
@@ -53,6 +54,8 @@ impl Services {
         let mut view = self.cluster.view();
         let mut known = generations(&members.borrow_and_update());
         let mut sent: HashMap<String, Instant> = HashMap::new();
+        // Members last seen down, with the generation they had.
+        let mut seen_down: HashMap<NodeId, u64> = HashMap::new();
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         loop {
             tokio::select! {
@@ -69,6 +72,17 @@ impl Services {
                 return;
             }
             let now = generations(&members.borrow_and_update());
+            // Back from `down` with the same generation (it was only
+            // unreachable): it does not know we forgot its connections.
+            let back: Vec<NodeId> = now
+                .iter()
+                .filter(|(id, g)| !known.contains_key(*id) && seen_down.get(*id) == Some(*g))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for node in &back {
+                seen_down.remove(node);
+                self.send_peer(node, &PeerMsg::Forgotten).await;
+            }
             // A member that is down, or back with a new generation: its old
             // incarnation's connections (ids below the new generation) are gone.
             let gone: HashMap<NodeId, Option<u64>> = known
@@ -76,6 +90,11 @@ impl Services {
                 .filter(|(id, generation)| now.get(*id) != Some(*generation))
                 .map(|(id, _)| (id.clone(), now.get(id).copied()))
                 .collect();
+            for (id, g) in &known {
+                if !now.contains_key(id) {
+                    seen_down.insert(id.clone(), *g);
+                }
+            }
             known = now;
             let current = self.cluster.view();
             if *current == *view && gone.is_empty() {
@@ -142,6 +161,29 @@ impl Services {
                 self.resubscribe(reg).await;
             }
         }
+    }
+
+    /// `from` saw this node down and forgot its connections: register the
+    /// subscribers registered there again, and announce the connections
+    /// announced there again.
+    pub(crate) fn forgotten_by(self: &Arc<Self>, from: NodeId) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            tracing::info!(node = %from, "a member forgot this node's connections; registering them again");
+            let regs = svc
+                .hub
+                .ask(Registrations { channel: None })
+                .await
+                .unwrap_or_default();
+            for reg in regs {
+                if reg.owner.as_ref() == Some(&from) {
+                    svc.resubscribe(reg).await;
+                }
+            }
+            for conn in svc.local_conns() {
+                let _ = conn.tell(Forgotten { node: from.clone() }).await;
+            }
+        });
     }
 
     /// `from`'s actor of `channel` stopped with subscribers here.
