@@ -580,6 +580,7 @@ impl<T: Send + 'static> ChannelLog<T> {
         after: Option<Position>,
     ) -> Result<Result<(), &'static str>, Fail> {
         let head = self.ensure().await?;
+        tracing::debug!(channel = %self.key, %node, ?after, head = head.offset, fanned = self.fanned, "taking over subscribers");
         if let Some((epoch, offset)) = after {
             if epoch != head.epoch {
                 return Ok(Err("epoch_changed"));

@@ -105,10 +105,11 @@ pub struct Services {
     /// This node's connection actors, to tell them when owners change.
     conns: Mutex<HashMap<ConnId, WeakActorRef<ConnActor>>>,
     pub(crate) stopping: AtomicBool,
-    /// Callers waiting on another node's answer, by correlation id.
     /// Callers waiting on another node's answer, by correlation id, with that node.
     pub(crate) pending: Mutex<HashMap<u64, (NodeId, AnswerTx)>>,
     pub(crate) next_corr: AtomicU64,
+    /// Woken by the hub when subscribers lost their registration.
+    pub(crate) reregister: Arc<tokio::sync::Notify>,
 }
 
 impl Services {
@@ -121,10 +122,11 @@ impl Services {
         runtime: tokio::runtime::Handle,
         cluster: Arc<Cluster>,
     ) -> Arc<Services> {
+        let reregister = Arc::new(tokio::sync::Notify::new());
         let hub = {
             let _guard = runtime.enter();
             Hub::spawn_with_mailbox(
-                Hub::new(metrics.clone()),
+                Hub::new(metrics.clone(), reregister.clone()),
                 mailbox::bounded(config.hub_mailbox),
             )
         };
@@ -146,6 +148,7 @@ impl Services {
             stopping: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             next_corr: AtomicU64::new(1),
+            reregister,
         })
     }
 

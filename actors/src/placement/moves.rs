@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use super::NodeId;
 use crate::cluster::{MemberState, Members};
 use crate::conn::{Forgotten, Reannounce};
-use crate::hub::{ConnAddr, Registration, Registrations};
+use crate::hub::{ConnAddr, ConnId, OwnerGone, Registration, Registrations};
 use crate::remote::PeerMsg;
 use crate::room::{self, RoomActor};
 use crate::services::Services;
@@ -53,7 +53,7 @@ impl Services {
         let mut members = self.cluster.members_watch();
         let mut view = self.cluster.view();
         let mut known = generations(&members.borrow_and_update());
-        let mut sent: HashMap<String, Instant> = HashMap::new();
+        let mut sent: HashMap<(String, ConnId), Instant> = HashMap::new();
         // Members last seen down, with the generation they had.
         let mut seen_down: HashMap<NodeId, u64> = HashMap::new();
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
@@ -61,6 +61,13 @@ impl Services {
             tokio::select! {
                 r = members.changed() => if r.is_err() { return },
                 _ = tick.tick() => {
+                    if self.is_stopping() {
+                        return;
+                    }
+                    self.reconcile(&mut sent, &HashMap::new()).await;
+                    continue;
+                }
+                _ = self.reregister.notified() => {
                     if self.is_stopping() {
                         return;
                     }
@@ -120,6 +127,9 @@ impl Services {
             self.cluster.metrics.nodes_gone.inc();
             tracing::info!(%node, "forgetting the connections of a member that is gone");
             self.fail_requests_to(node).await;
+            // Its rooms' registrations died with it, also if it came back
+            // as a new incarnation that owns the same channels.
+            let _ = self.hub.tell(OwnerGone { node: node.clone() }).await;
             let gone = NodeGone {
                 node: node.clone(),
                 below: newer.unwrap_or(u64::MAX),
@@ -139,27 +149,31 @@ impl Services {
         }
     }
 
-    /// Re-registers the subscribers of every channel registered with
-    /// another node than its owner now, or with a member that is gone.
+    /// Re-registers every subscriber registered with another node than its
+    /// channel's owner now, with a member that is gone, or with none (the
+    /// hub held back an entry that would have left it a gap).
     async fn reconcile(
         self: &Arc<Self>,
-        sent: &mut HashMap<String, Instant>,
+        sent: &mut HashMap<(String, ConnId), Instant>,
         gone: &HashMap<NodeId, Option<u64>>,
     ) {
         let Ok(regs) = self.hub.ask(Registrations { channel: None }).await else {
             return;
         };
         sent.retain(|_, at| at.elapsed() < RESEND_AFTER);
-        for reg in regs {
+        for mut reg in regs {
             let owner = self.cluster.owner(&reg.channel);
-            let stale = match &reg.owner {
-                Some(o) => *o != owner || gone.contains_key(o),
-                None => true,
-            };
-            if stale && !sent.contains_key(&reg.channel) {
-                sent.insert(reg.channel.clone(), Instant::now());
-                self.resubscribe(reg).await;
+            reg.conns.retain(|c| {
+                let stale = match &c.owner {
+                    Some(o) => *o != owner || gone.contains_key(o),
+                    None => true,
+                };
+                stale && !sent.contains_key(&(reg.channel.clone(), c.conn))
+            });
+            for c in &reg.conns {
+                sent.insert((reg.channel.clone(), c.conn), Instant::now());
             }
+            self.resubscribe(reg).await;
         }
     }
 
@@ -175,10 +189,9 @@ impl Services {
                 .ask(Registrations { channel: None })
                 .await
                 .unwrap_or_default();
-            for reg in regs {
-                if reg.owner.as_ref() == Some(&from) {
-                    svc.resubscribe(reg).await;
-                }
+            for mut reg in regs {
+                reg.conns.retain(|c| c.owner.as_ref() == Some(&from));
+                svc.resubscribe(reg).await;
             }
             for conn in svc.local_conns() {
                 let _ = conn.tell(Forgotten { node: from.clone() }).await;
@@ -193,6 +206,11 @@ impl Services {
             if svc.is_stopping() {
                 return;
             }
+            // If `from` is still the owner as this node sees it, reconciling
+            // re-registers them once the view names another.
+            if svc.cluster.owner(&channel) == from {
+                return;
+            }
             let regs = svc
                 .hub
                 .ask(Registrations {
@@ -200,28 +218,30 @@ impl Services {
                 })
                 .await
                 .unwrap_or_default();
-            for reg in regs {
-                // Registered with someone else since, or `from` is still the
-                // owner as this node sees it: reconciling re-registers them
-                // once the view names another.
-                let owner = svc.cluster.owner(&channel);
-                if reg.owner.as_ref() == Some(&from) && owner != from {
-                    svc.resubscribe(reg).await;
-                }
+            for mut reg in regs {
+                // Only those still registered there.
+                reg.conns.retain(|c| c.owner.as_ref() == Some(&from));
+                svc.resubscribe(reg).await;
             }
         });
     }
 
-    /// Registers a channel's local subscribers at its owner now.
+    /// Registers these local subscribers of a channel at its owner now, from
+    /// the earliest position among them (the hub drops what each one has).
     async fn resubscribe(self: &Arc<Self>, reg: Registration) {
         if reg.conns.is_empty() {
             return;
         }
         self.cluster.metrics.resubscriptions.inc();
+        let after = reg
+            .epoch
+            .clone()
+            .zip(reg.conns.iter().filter_map(|c| c.last).min());
+        tracing::debug!(channel = %reg.channel, to = %self.cluster.owner(&reg.channel), ?after, conns = reg.conns.len(), "re-registering subscribers");
         let msg = room::Resubscribe {
             node: self.cluster.me().clone(),
-            conns: reg.conns,
-            after: reg.last,
+            conns: reg.conns.into_iter().map(|c| (c.conn, c.user)).collect(),
+            after,
         };
         if let Err(f) = self.tell::<RoomActor, _>(&reg.channel, msg).await {
             tracing::warn!(channel = %reg.channel, error = %f, "re-registering subscribers failed");

@@ -10,12 +10,14 @@
 //! the first live entry) also travel through the hub ([`SendTo`]): one
 //! mailbox, so one order.
 //!
-//! Per channel the hub remembers which node's room registered its
-//! subscribers and the last stored entry (epoch, offset) it delivered. When
-//! the channel's owner changes, the node re-registers them at the new owner
-//! from that offset ([`Registrations`], `Services::reregister`); the new
-//! owner replays the gap from the store, and the hub drops any entry it has
-//! already delivered, so subscribers see no gap and no duplicate.
+//! Per channel and subscriber the hub remembers which node's room
+//! registered it and the last stored entry (epoch, offset) it got
+//! ([`chan`]). When the channel's owner changes, the node re-registers them
+//! at the new owner from that offset ([`Registrations`],
+//! `placement::moves`); the new owner replays the gap from the store, and
+//! the hub drops an entry for each subscriber that has it and holds it back
+//! from one that would see a gap (which is registered again), so
+//! subscribers see no gap and no duplicate.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -26,11 +28,14 @@ use kameo::message::{Context, Message};
 use kameo::Actor;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::placement::NodeId;
 use crate::Metrics;
+
+mod chan;
+use chan::Chan;
 
 /// A connection's id, unique within its node.
 pub type ConnId = u64;
@@ -150,32 +155,6 @@ impl CloseWatch {
 /// The position of a channel's stream: its epoch and an offset in it.
 pub type Position = (String, u64);
 
-/// One channel's local subscribers.
-#[derive(Default)]
-struct Chan {
-    conns: HashSet<ConnId>,
-    /// The node whose room registered them last.
-    owner: Option<NodeId>,
-    /// The last stored entry delivered here (or the head they subscribed at).
-    last: Option<Position>,
-}
-
-impl Chan {
-    /// Whether an entry at `at` is new here; remembers it if so.
-    fn advance(&mut self, at: Position) -> bool {
-        match &mut self.last {
-            Some((epoch, offset)) if *epoch == at.0 => {
-                if at.1 <= *offset {
-                    return false;
-                }
-                *offset = at.1;
-            }
-            last => *last = Some(at),
-        }
-        true
-    }
-}
-
 /// One per node. See the module docs.
 #[derive(Actor)]
 pub struct Hub {
@@ -193,10 +172,13 @@ pub struct Hub {
     /// Set by [`CloseAll`]: a connection registering after it (its handshake
     /// raced the shutdown) is closed the same way at once.
     closing: Option<(u16, String)>,
+    /// Woken when a subscriber lost its registration (it would have seen a
+    /// gap): the node registers it again at the owner.
+    reregister: Arc<Notify>,
 }
 
 impl Hub {
-    pub fn new(metrics: Arc<Metrics>) -> Hub {
+    pub fn new(metrics: Arc<Metrics>, reregister: Arc<Notify>) -> Hub {
         Hub {
             conns: HashMap::new(),
             users: HashMap::new(),
@@ -206,6 +188,7 @@ impl Hub {
             overdue: HashMap::new(),
             metrics,
             closing: None,
+            reregister,
         }
     }
 
@@ -308,6 +291,21 @@ pub struct ReplyDue {
     pub id: u64,
 }
 
+/// `node` is down or restarted: subscribers its rooms registered are to
+/// be registered again (at whichever node owns their channel now).
+pub struct OwnerGone {
+    pub node: NodeId,
+}
+
+impl Message<OwnerGone> for Hub {
+    type Reply = ();
+    async fn handle(&mut self, m: OwnerGone, _: &mut Context<Self, ()>) {
+        for chan in self.channels.values_mut() {
+            chan.forget_owner(&m.node);
+        }
+    }
+}
+
 /// Whether any local connection still subscribes to the channel.
 pub struct HasSubscribers {
     pub channel: String,
@@ -322,10 +320,21 @@ pub struct Registrations {
 /// A channel's local subscribers and where their stream stands.
 pub struct Registration {
     pub channel: String,
+    /// The epoch of the subscribers' positions.
+    pub epoch: Option<String>,
+    pub conns: Vec<Registered>,
+}
+
+/// One local subscriber of a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    pub conn: ConnId,
+    pub user: String,
+    /// The node whose room registered it; `None` if it must be registered
+    /// again (an entry arrived that it would have seen after a gap).
     pub owner: Option<NodeId>,
-    pub last: Option<Position>,
-    /// Each connection with its user.
-    pub conns: Vec<(ConnId, String)>,
+    /// The offset of the last stored entry it got.
+    pub last: Option<u64>,
 }
 
 /// Close every connection (shutdown).
@@ -359,11 +368,7 @@ impl Message<Subscribe> for Hub {
             return;
         }
         let chan = self.channels.entry(m.channel.clone()).or_default();
-        chan.conns.insert(m.conn);
-        chan.owner = Some(m.owner);
-        if let Some(at) = m.at {
-            chan.advance(at);
-        }
+        chan.subscribe(m.conn, m.owner, m.at);
         self.conn_channels
             .entry(m.conn)
             .or_default()
@@ -387,14 +392,27 @@ impl Message<Deliver> for Hub {
         let Some(chan) = self.channels.get_mut(&m.channel) else {
             return;
         };
-        if let Some(at) = stored_position(&m.frame) {
-            if !chan.advance(at) {
+        let targets = match stored_position(&m.frame) {
+            Some(at) => {
+                let f = chan.stored(&at);
                 // Replayed by a new owner, or sent by two owners at once.
-                self.metrics.cluster.duplicates_dropped.inc();
-                return;
+                self.metrics
+                    .cluster
+                    .duplicates_dropped
+                    .inc_by(f.duplicates as u64);
+                if !f.gaps.is_empty() {
+                    tracing::info!(
+                        channel = %m.channel,
+                        offset = at.1,
+                        behind = ?f.gaps,
+                        "subscribers behind the stream: registering them again at the owner"
+                    );
+                    self.reregister.notify_one();
+                }
+                f.send
             }
-        }
-        let targets: Vec<ConnId> = chan.conns.iter().copied().collect();
+            None => chan.all(),
+        };
         let mut delivered = 0u64;
         for conn in targets {
             if self.send(conn, &m.frame) {
@@ -508,12 +526,18 @@ impl Message<Registrations> for Hub {
         let users = &self.users;
         let registration = |channel: &String, chan: &Chan| Registration {
             channel: channel.clone(),
-            owner: chan.owner.clone(),
-            last: chan.last.clone(),
+            epoch: chan.epoch.clone(),
             conns: chan
                 .conns
                 .iter()
-                .filter_map(|c| users.get(c).map(|u| (*c, u.clone())))
+                .filter_map(|(c, sub)| {
+                    users.get(c).map(|u| Registered {
+                        conn: *c,
+                        user: u.clone(),
+                        owner: sub.owner.clone(),
+                        last: sub.last,
+                    })
+                })
                 .collect(),
         };
         match &m.channel {
@@ -571,7 +595,7 @@ mod tests {
 
     #[tokio::test]
     async fn delivers_to_subscribers_and_closes_slow_ones() {
-        let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new())));
+        let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new()), Arc::new(Notify::new())));
         let (fast, mut fast_out) = outbound(8);
         let (slow, slow_out) = outbound(1);
         // Keep the receiver: a slow client still has its queue, it just does not drain it.
@@ -633,7 +657,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_entry_already_delivered_is_not_delivered_again() {
-        let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new())));
+        let hub = Hub::spawn(Hub::new(Arc::new(Metrics::new()), Arc::new(Notify::new())));
         let (sink, mut out) = outbound(16);
         hub.tell(Register {
             conn: 1,
@@ -662,8 +686,16 @@ mod tests {
         }
         let regs = hub.ask(Registrations { channel: None }).await.unwrap();
         assert_eq!(regs.len(), 1);
-        assert_eq!(regs[0].last, Some(("e1".into(), 4)));
-        assert_eq!(regs[0].conns, vec![(1, "u1".to_string())]);
+        assert_eq!(regs[0].epoch.as_deref(), Some("e1"));
+        assert_eq!(
+            regs[0].conns,
+            vec![Registered {
+                conn: 1,
+                user: "u1".into(),
+                owner: Some(NodeId::new("n1")),
+                last: Some(4),
+            }]
+        );
         for n in [3, 4] {
             assert_eq!(out.rx.recv().await.unwrap().frame(), frame(n).frame());
         }
