@@ -1,15 +1,18 @@
 //! Chaos (issue 9): three real `chorus` processes on the shared store, one
-//! publisher and WebSocket subscribers spread over them, while nodes are
-//! SIGKILLed and restarted one at a time. Nothing acknowledged may be lost or
-//! stored twice, every subscriber must see every entry of every room once, in
+//! publisher and WebSocket subscribers spread over them, while nodes go
+//! down and come back one at a time: SIGKILLed at random, or SIGTERMed each
+//! in turn (a rolling restart). Nothing acknowledged may be lost or stored
+//! twice, every subscriber must see every entry of every room once, in
 //! offset order, and presence must converge.
 //!
-//! `CHORUS_CHAOS_KILLS` kills (default 3; the full run is 20),
+//! `CHORUS_CHAOS_KILLS` kills (default 3, as CI runs it; the full run is
+//! 20), `CHORUS_ROLLING_ROUNDS` rounds of the rolling restart (default 1),
 //! `CHORUS_CHAOS_SEED` replays a run's choice of victims (the seed is
-//! printed), `CHORUS_CHAOS_LOG` sets the nodes' `[log] level` (default warn).
+//! printed), `CHORUS_CHAOS_LOG` sets the nodes' `[log] level` (default
+//! warn), `CHORUS_TEST_NODE_LOGS=<dir>` writes each node's log to a file.
 //!
 //! Needs `CHORUS_CQL=host:port` (`scripts/cassandra.sh start`):
-//! `CHORUS_CQL=127.0.0.1:9042 cargo test -p chorus-node --test chaos -- --nocapture`
+//! `CHORUS_CQL=127.0.0.1:9042 CHORUS_CHAOS_KILLS=20 cargo test -p chorus-node --test chaos -- --nocapture`
 
 #[path = "chaos/clients.rs"]
 mod clients;
@@ -64,6 +67,9 @@ async fn converge(config: &Path, cluster: &Cluster) {
         }
         if ok {
             return;
+        }
+        if std::env::var_os("CHORUS_CHAOS_VERBOSE").is_some() {
+            eprintln!("converging: {seen:?}");
         }
         assert!(
             Instant::now() < deadline,
@@ -150,13 +156,43 @@ async fn room_history(addr: &str, room: &str) -> Vec<Value> {
     }
 }
 
+/// How nodes go down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// SIGKILL a random node, `CHORUS_CHAOS_KILLS` times.
+    Kill,
+    /// SIGTERM each node in turn (a rolling restart), `CHORUS_ROLLING_ROUNDS`
+    /// times around the cluster.
+    Rolling,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free() {
-    let Some(cql) = cql() else { return };
-    let kills: usize = std::env::var("CHORUS_CHAOS_KILLS")
+    run(Mode::Kill).await;
+}
+
+/// Not in the default run yet: a restarted node was once seen `up` by all
+/// members only after ~60 s (under investigation, see docs/cluster.md), which
+/// makes the run take minutes. Run it with `-- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow: a restarted member can take ~60 s to be seen up by all; run with --ignored"]
+async fn a_rolling_restart_loses_nothing_and_subscribers_stay_gap_free() {
+    run(Mode::Rolling).await;
+}
+
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
-        .map(|k| k.parse().expect("CHORUS_CHAOS_KILLS is a number"))
-        .unwrap_or(3);
+        .map(|k| k.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+        .unwrap_or(default)
+}
+
+async fn run(mode: Mode) {
+    let Some(cql) = cql() else { return };
+    let kills = match mode {
+        Mode::Kill => env_count("CHORUS_CHAOS_KILLS", 3),
+        Mode::Rolling => IDS.len() * env_count("CHORUS_ROLLING_ROUNDS", 1),
+    };
     let seed: u64 = std::env::var("CHORUS_CHAOS_SEED")
         .ok()
         .map(|s| s.parse().expect("CHORUS_CHAOS_SEED is a number"))
@@ -166,7 +202,12 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
                 .unwrap();
             (t.as_nanos() as u64) | 1
         });
-    eprintln!("chaos: {kills} kills, CHORUS_CHAOS_SEED={seed}");
+    let what = if mode == Mode::Kill {
+        "kills"
+    } else {
+        "graceful restarts, each node in turn"
+    };
+    eprintln!("chaos: {kills} {what}, CHORUS_CHAOS_SEED={seed}");
     let mut rng = Rng(seed | 1);
     let level = std::env::var("CHORUS_CHAOS_LOG").unwrap_or_else(|_| "warn".into());
     let dir = tempfile::tempdir().unwrap();
@@ -277,15 +318,10 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
                 .expect("status");
             owners.push(s["owner"]["node"].as_str().unwrap_or("").to_string());
         }
-        // A random node among those owning a room (so the kill has a
-        // failover to measure), any node if none does.
-        let mut candidates: Vec<usize> = (0..IDS.len())
-            .filter(|&i| owners.iter().any(|o| o == IDS[i]))
-            .collect();
-        if candidates.is_empty() {
-            candidates = (0..IDS.len()).collect();
-        }
-        let victim = candidates[(rng.next() % candidates.len() as u64) as usize];
+        let victim = match mode {
+            Mode::Kill => (rng.next() % IDS.len() as u64) as usize,
+            Mode::Rolling => k % IDS.len(),
+        };
         let its_rooms: Vec<usize> = (0..ROOMS.len())
             .filter(|&r| owners[r] == IDS[victim])
             .collect();
@@ -303,7 +339,19 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
         let survivor = (victim + 1) % IDS.len();
         let node = nodes[victim].take().unwrap();
         let killed_at = Instant::now();
-        node.kill();
+        match mode {
+            Mode::Kill => {
+                node.kill();
+            }
+            Mode::Rolling => {
+                let (c, n) = (node, IDS[victim]);
+                let st = tokio::task::spawn_blocking(move || c.terminate())
+                    .await
+                    .unwrap();
+                assert!(st.success(), "{n} exits 0 on SIGTERM: {st:?}");
+                eprintln!("{n} stopped {:?} after SIGTERM", killed_at.elapsed());
+            }
+        }
         killed[victim] += 1;
         let offline = tokio::spawn(wait_presence(
             cluster.addr(survivor),
@@ -368,6 +416,11 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
         cluster.set(victim, node.addr.clone());
         nodes[victim] = Some(node);
         converge(&config, &cluster).await;
+        eprintln!(
+            "{} back and seen up by all {:?} after going down",
+            IDS[victim],
+            killed_at.elapsed()
+        );
         // Traffic between kills.
         let mark = acks.lock().unwrap().len();
         let flowing = wait_until(LONG_WAIT, || {
@@ -573,8 +626,11 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
             if let Some(&first) = seen.offsets.first() {
                 if first != seen.join_head + 1 {
                     sub_problems.push(format!(
-                        "{} {}: first entry {first} after a join at head {}",
-                        s.user, ROOMS[r], seen.join_head
+                        "{} {}: first entry {first} after a join at head {} (first ones: {:?})",
+                        s.user,
+                        ROOMS[r],
+                        seen.join_head,
+                        &seen.offsets[..seen.offsets.len().min(6)]
                     ));
                 }
             }

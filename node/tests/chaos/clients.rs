@@ -351,7 +351,15 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
                     );
                 }
             }
+            // Entries up to the head a join reply gives are history: a
+            // join retried after a retryable error (the first attempt took
+            // effect, its answer did not arrive in time) was subscribed
+            // already and got some of them pushed. A client drops those.
+            let join_head = s.rooms[r].join_head;
             for (offset, epoch) in buffered[r].drain(..) {
+                if s.rooms[r].offsets.is_empty() && offset <= join_head {
+                    continue;
+                }
                 record(&mut s, r, offset, epoch.as_deref());
             }
         }
