@@ -281,21 +281,11 @@ async fn run(mode: Mode) {
     // Each lonely client counts as a device of its user.
     for slot in 0..IDS.len() {
         let user = format!("lonely-{slot}");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (_, p) = api(
-                &cluster.addr(0),
-                "GET",
-                &format!("/api/v1/users/{user}/presence"),
-                None,
-            )
-            .await;
-            if p["devices"].as_u64().unwrap_or(0) >= 1 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{user} online: {p}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let online = wait_presence(cluster.addr(0), &user, |p| {
+            p["devices"].as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+        assert!(online.is_some(), "{user} online");
     }
 
     // 4. The publisher.
@@ -478,23 +468,12 @@ async fn run(mode: Mode) {
     let mut presence_problems = Vec::new();
     for s in &subs {
         let user = s.lock().unwrap().user.clone();
-        let deadline = Instant::now() + LONG_WAIT;
-        loop {
-            let (_, p) = api(
-                &cluster.addr(0),
-                "GET",
-                &format!("/api/v1/users/{user}/presence"),
-                None,
-            )
-            .await;
-            if p["status"] != "offline" && p["devices"].as_u64().unwrap_or(0) >= 1 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                presence_problems.push(format!("{user} on a live node: {p}"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let live = wait_presence(cluster.addr(0), &user, |p| {
+            p["status"] != "offline" && p["devices"].as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+        if live.is_none() {
+            presence_problems.push(format!("{user} not shown on a live node"));
         }
     }
     for slot in 0..IDS.len() {
@@ -507,27 +486,16 @@ async fn run(mode: Mode) {
             ));
         }
         let want_offline = killed[slot] > 0;
-        let deadline = Instant::now() + LONG_WAIT;
-        loop {
-            let (_, p) = api(
-                &cluster.addr((slot + 1) % IDS.len()),
-                "GET",
-                &format!("/api/v1/users/{user}/presence"),
-                None,
-            )
-            .await;
+        let settled = wait_presence(cluster.addr((slot + 1) % IDS.len()), &user, |p| {
             let offline = p["status"] == "offline";
             let devices = p["devices"].as_u64().unwrap_or(0);
-            if (want_offline && offline && devices == 0)
-                || (!want_offline && !offline && devices >= 1)
-            {
-                break;
-            }
-            if Instant::now() >= deadline {
-                presence_problems.push(format!("{user} (offline expected: {want_offline}): {p}"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            (want_offline && offline && devices == 0) || (!want_offline && !offline && devices >= 1)
+        })
+        .await;
+        if settled.is_none() {
+            presence_problems.push(format!(
+                "{user} (offline expected: {want_offline}) not settled"
+            ));
         }
     }
 

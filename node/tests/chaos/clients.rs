@@ -209,7 +209,30 @@ pub fn subscribe_frame(st: &SubState, id: u64, r: usize) -> Value {
     }
 }
 
-pub async fn send(ws: &mut Ws, v: &Value) -> Result<(), String> {
+/// A session's (re)subscribe requests in flight, by id.
+#[derive(Default)]
+struct Requests {
+    next_id: u64,
+    /// Request id → room.
+    pending: HashMap<u64, usize>,
+}
+
+impl Requests {
+    /// Sends the request (re)subscribing room `r`.
+    async fn subscribe(
+        &mut self,
+        ws: &mut Ws,
+        st: &Shared<SubState>,
+        r: usize,
+    ) -> Result<(), String> {
+        self.next_id += 1;
+        let frame = subscribe_frame(&st.lock().unwrap(), self.next_id, r);
+        self.pending.insert(self.next_id, r);
+        send(ws, &frame).await
+    }
+}
+
+async fn send(ws: &mut Ws, v: &Value) -> Result<(), String> {
     ws.send(Message::text(v.to_string()))
         .await
         .map_err(|e| format!("send: {e}"))
@@ -219,8 +242,7 @@ pub async fn send(ws: &mut Ws, v: &Value) -> Result<(), String> {
 /// until the socket dies or the test stops.
 pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Receiver<bool>) -> End {
     let n = ROOMS.len();
-    let mut next_id = 1u64;
-    let mut pending: HashMap<u64, usize> = HashMap::new();
+    let mut reqs = Requests::default();
     // A (re)subscribe in flight per room: its pushes wait for the reply,
     // whose `missed` entries come before them.
     let mut inflight = vec![true; n];
@@ -228,10 +250,7 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
     let mut again = vec![false; n];
     let mut retry: Vec<(Instant, usize)> = Vec::new();
     for r in 0..n {
-        let frame = subscribe_frame(&st.lock().unwrap(), next_id, r);
-        pending.insert(next_id, r);
-        next_id += 1;
-        if let Err(e) = send(ws, &frame).await {
+        if let Err(e) = reqs.subscribe(ws, st, r).await {
             return End::Died(e);
         }
     }
@@ -244,10 +263,7 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
                 let due: Vec<usize> = retry.iter().filter(|(t, _)| *t <= now).map(|(_, r)| *r).collect();
                 retry.retain(|(t, _)| *t > now);
                 for r in due {
-                    let frame = subscribe_frame(&st.lock().unwrap(), next_id, r);
-                    pending.insert(next_id, r);
-                    next_id += 1;
-                    if let Err(e) = send(ws, &frame).await {
+                    if let Err(e) = reqs.subscribe(ws, st, r).await {
                         return End::Died(e);
                     }
                 }
@@ -295,10 +311,7 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
                     again[r] = true;
                 } else {
                     inflight[r] = true;
-                    let frame = subscribe_frame(&st.lock().unwrap(), next_id, r);
-                    pending.insert(next_id, r);
-                    next_id += 1;
-                    if let Err(e) = send(ws, &frame).await {
+                    if let Err(e) = reqs.subscribe(ws, st, r).await {
                         return End::Died(e);
                     }
                 }
@@ -307,7 +320,7 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
             Some(_) => continue,
             None => {}
         }
-        let Some(r) = v["id"].as_u64().and_then(|id| pending.remove(&id)) else {
+        let Some(r) = v["id"].as_u64().and_then(|id| reqs.pending.remove(&id)) else {
             continue;
         };
         if let Some(err) = v.get("error") {
@@ -366,10 +379,7 @@ pub async fn session(ws: &mut Ws, st: &Shared<SubState>, stop: &mut watch::Recei
         inflight[r] = false;
         if std::mem::take(&mut again[r]) {
             inflight[r] = true;
-            let frame = subscribe_frame(&st.lock().unwrap(), next_id, r);
-            pending.insert(next_id, r);
-            next_id += 1;
-            if let Err(e) = send(ws, &frame).await {
+            if let Err(e) = reqs.subscribe(ws, st, r).await {
                 return End::Died(e);
             }
         }
@@ -436,9 +446,16 @@ pub async fn subscriber(
 /// A client that connects once and never reconnects: `true` in `gone` once
 /// its socket closed.
 pub async fn lonely(addr: String, token: String, gone: Arc<Mutex<bool>>) {
-    let mut ws = connect_ws(&addr, &token, WAIT)
-        .await
-        .expect("lonely client connects");
+    // A handshake refused while the cluster settles (503, 5004) is retried,
+    // as a client does.
+    let deadline = Instant::now() + WAIT;
+    let mut ws = loop {
+        match connect_ws(&addr, &token, WAIT).await {
+            Ok(ws) => break ws,
+            Err(e) => assert!(Instant::now() < deadline, "lonely client connects: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     while let Some(Ok(m)) = ws.next().await {
         if let Message::Close(_) = m {
             break;
