@@ -1422,7 +1422,7 @@ pub async fn case_flush(store: Arc<dyn Store>) {
 fn upd(seq: u64) -> DocUpdate {
     // Bytes of every value, and sizes that vary, so truncation would show.
     let data = (0..(seq % 7 + 1) * 37)
-        .map(|i| (i as u64 * 31 + seq) as u8)
+        .map(|i| (i * 31 + seq) as u8)
         .collect();
     DocUpdate { seq, data }
 }

@@ -31,6 +31,7 @@ pub const API_KEY: &str = "test-api-key-0123";
 
 pub mod cluster;
 pub mod store;
+pub mod ydoc;
 
 /// How often a test polls a query when there is no push to wait for.
 pub const POLL: Duration = Duration::from_millis(50);

@@ -76,9 +76,7 @@ impl Message<DocCreate> for DocActor {
             replier: m.replier,
             close_origin: false,
         };
-        if let Err((p, fail)) = self.enqueue(p) {
-            self.refuse(p, fail).await;
-        }
+        self.enqueue(p).await;
     }
 }
 

@@ -7,7 +7,7 @@
 //! send its y-protocols bytes, Chorus sockets its `doc.update` push, each
 //! encoded at most once. The connection an update came from is skipped.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -170,10 +170,7 @@ impl Message<DocJoin> for Hub {
             });
         chan.owner = m.owner;
         chan.conns.insert(m.conn, m.yjs);
-        self.conn_docs
-            .entry(m.conn)
-            .or_insert_with(HashSet::new)
-            .insert(m.channel);
+        self.conn_docs.entry(m.conn).or_default().insert(m.channel);
     }
 }
 

@@ -163,9 +163,7 @@ impl Message<DocApply> for DocActor {
             replier: m.replier,
             close_origin: m.close_origin,
         };
-        if let Err((p, fail)) = self.enqueue(p) {
-            self.refuse(p, fail).await;
-        }
+        self.enqueue(p).await;
     }
 }
 

@@ -208,28 +208,35 @@ impl DocActor {
         !self.writes.is_idle() || self.compacting
     }
 
-    /// Queues an update after checking the limits; `Err` gives it back with why.
-    pub(super) fn enqueue(&mut self, p: Pending) -> Result<(), (Pending, Fail)> {
+    /// Queues an update after checking the limits; refuses it (with its
+    /// code) when it breaks one.
+    pub(super) async fn enqueue(&mut self, p: Pending) {
+        match self.check(&p.update) {
+            Ok(()) => {
+                self.writes.pending_bytes += p.update.len() as u64;
+                self.writes.queue.push(p);
+                self.start_write();
+            }
+            Err(fail) => self.refuse(p, fail).await,
+        }
+    }
+
+    fn check(&self, update: &[u8]) -> Result<(), Fail> {
         let cfg = &self.svc.config.docs;
-        let len = p.update.len() as u64;
-        if p.update.len() > cfg.max_update_bytes {
+        let len = update.len() as u64;
+        if update.len() > cfg.max_update_bytes {
             let why = format!(
                 "update of {len} bytes over the {} byte limit",
                 cfg.max_update_bytes
             );
-            return Err((p, Fail::new(ErrorCode::UpdateTooLarge, why)));
+            return Err(Fail::new(ErrorCode::UpdateTooLarge, why));
         }
         if self.state.stored_bytes() + self.writes.pending_bytes + len > cfg.max_doc_bytes {
             let why = format!("the document would exceed {} bytes", cfg.max_doc_bytes);
-            return Err((p, Fail::new(ErrorCode::DocTooLarge, why)));
+            return Err(Fail::new(ErrorCode::DocTooLarge, why));
         }
-        if let Err(e) = super::state::check_update(&p.update) {
-            return Err((p, Fail::new(ErrorCode::InvalidUpdate, e.to_string())));
-        }
-        self.writes.pending_bytes += len;
-        self.writes.queue.push(p);
-        self.start_write();
-        Ok(())
+        super::state::check_update(update)
+            .map_err(|e| Fail::new(ErrorCode::InvalidUpdate, e.to_string()))
     }
 }
 
