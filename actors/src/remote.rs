@@ -718,6 +718,49 @@ mod tests {
                 channel: "room:lobby".into(),
             },
             PeerMsg::Forgotten,
+            PeerMsg::HubDocJoin {
+                channel: "doc:notes".into(),
+                conn: 7,
+                yjs: true,
+            },
+            PeerMsg::HubDocDeliver {
+                channel: "doc:notes".into(),
+                push: chorus_protocol::doc::DocPush::new(
+                    chorus_protocol::doc::DocEvent::Update,
+                    "notes",
+                    vec![1, 1, 2, 0, 0],
+                ),
+                except: Some(conn.clone()),
+            },
+            PeerMsg::HubSendYjs {
+                conn: 7,
+                bytes: serde_bytes::ByteBuf::from(vec![0, 0, 1, 0]),
+            },
+            PeerMsg::HubCloseConn {
+                conn: 7,
+                code: 4014,
+                reason: "moved".into(),
+            },
+            PeerMsg::HubDocDrop {
+                channel: "doc:notes".into(),
+                reason: "deleted".into(),
+            },
+            PeerMsg::Actor(Envelope {
+                kind: ActorKind::Doc,
+                key: "notes".into(),
+                msg: ActorMsg::DocApply(doc::DocApply {
+                    origin: Some(conn.clone()),
+                    update: vec![0, 0],
+                    replier: Replier::Remote {
+                        node: NodeId::new("node-2"),
+                        corr: 9,
+                    },
+                    close_origin: true,
+                }),
+                hops: 0,
+                if_active: false,
+                reply: None,
+            }),
             PeerMsg::Actor(Envelope {
                 kind: ActorKind::Room,
                 key: "room:lobby".into(),
