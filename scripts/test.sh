@@ -35,6 +35,8 @@ CHORUS_TEST_NODES=3 cargo test -p chorus-tests --test chat --test presence \
     --test notifications --test topics --test catchup --test auth --test passivation \
     -- --test-threads 2
 bash sdk/js/test.sh
+echo "== stock Yjs clients (y-websocket) against real nodes, one and two (CQL)"
+bash tests/yjs/test.sh
 echo "== schemathesis: the server API against its OpenAPI document (docs/testing.md)"
 bash scripts/schemathesis.sh
 echo "== fuzz: every target for 10 s (an unoptimized build without ASan; its target dir is kept between runs)"

@@ -17,6 +17,11 @@ pub struct Claims {
     pub topics: Option<Vec<String>>,
     /// `publish`: topics the client may publish to; empty: none.
     pub publish: Vec<String>,
+    /// `docs`: documents (or `prefix*` patterns) the client may open; `None`: any.
+    pub docs: Option<Vec<String>>,
+    /// `doc_write`: documents the client may write (of those it may open);
+    /// `None`: all of them, `Some([])` (`doc_write: false`): none, read-only.
+    pub doc_write: Option<Vec<String>>,
 }
 
 fn matches(patterns: &[String], name: &str) -> bool {
@@ -35,6 +40,12 @@ impl Claims {
     }
     pub fn may_publish_topic(&self, topic: &str) -> bool {
         matches(&self.publish, topic)
+    }
+    pub fn may_open_doc(&self, doc: &str) -> bool {
+        self.docs.as_ref().is_none_or(|p| matches(p, doc))
+    }
+    pub fn may_write_doc(&self, doc: &str) -> bool {
+        self.may_open_doc(doc) && self.doc_write.as_ref().is_none_or(|p| matches(p, doc))
     }
 }
 
@@ -55,7 +66,11 @@ mod tests {
             rooms: Some(vec!["team-*".into(), "lobby".into()]),
             topics: None,
             publish: vec!["post:*".into()],
+            docs: Some(vec!["notes-*".into()]),
+            doc_write: Some(vec!["notes-mine*".into()]),
         };
+        assert!(c.may_open_doc("notes-1") && !c.may_open_doc("secret"));
+        assert!(c.may_write_doc("notes-mine-2") && !c.may_write_doc("notes-1"));
         assert!(c.may_use_room("team-1"));
         assert!(c.may_use_room("lobby"));
         assert!(!c.may_use_room("lobby2"));

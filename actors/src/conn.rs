@@ -77,11 +77,11 @@ pub struct ConnArgs {
 }
 
 pub struct ConnActor {
-    svc: Arc<Services>,
+    pub(crate) svc: Arc<Services>,
     id: ConnId,
     /// `id` with this node: how rooms and users address this connection.
-    addr: ConnAddr,
-    claims: Claims,
+    pub(crate) addr: ConnAddr,
+    pub(crate) claims: Claims,
     sink: ConnSink,
     limiter: RateLimiter,
     subscriptions: HashSet<String>,
@@ -94,6 +94,10 @@ pub struct ConnActor {
     /// counts, so a refresh to a shorter-lived token is enforced at its own
     /// `exp`, and checks do not pile up over many refreshes.
     token_generation: u64,
+    /// Documents this connection has open (`doc.open`), closed when it ends.
+    pub(crate) docs: HashSet<String>,
+    /// `doc.update`s per second ([`crate::DocsConfig::updates_per_sec`]).
+    pub(crate) doc_limiter: crate::doc::session::Bucket,
 }
 
 impl Actor for ConnActor {
@@ -127,6 +131,10 @@ impl Actor for ConnActor {
         svc.metrics.connections_total.inc();
         schedule_token_check(&me, claims.expires_at, 0);
         let limiter = RateLimiter::new(svc.config.rate_per_sec, svc.config.rate_burst);
+        let doc_limiter = crate::doc::session::Bucket::new(
+            svc.config.docs.updates_per_sec,
+            svc.config.docs.updates_burst,
+        );
         Ok(ConnActor {
             svc,
             id,
@@ -139,6 +147,8 @@ impl Actor for ConnActor {
             announced_to: Some(owner),
             last_activity_report: Instant::now(),
             token_generation: 0,
+            docs: HashSet::new(),
+            doc_limiter,
         })
     }
 
@@ -155,6 +165,7 @@ impl Actor for ConnActor {
                 .tell_if_active::<RoomActor, _>(&channel, unsubscribe)
                 .await;
         }
+        self.close_docs().await;
         for u in std::mem::take(&mut self.watching).into_keys() {
             let unwatch = user::Unwatch {
                 conn: self.addr.clone(),
@@ -630,6 +641,10 @@ impl ConnActor {
                 Ok(json!({"watching": self.watching.len()}))
             }
             Request::PresenceQuery(a) => self.query_presence(a.users).await,
+            Request::DocOpen(_)
+            | Request::DocUpdate(_)
+            | Request::DocAwareness(_)
+            | Request::DocClose(_) => return self.doc_request(id, req).await,
         };
         match r {
             Ok(Value::Null) => None,

@@ -18,6 +18,10 @@
 //!   and fans out in offset order. Serves catch-up, membership, typing, receipts.
 //! - [`user::UserActor`]: one per user. Presence merged across devices,
 //!   watchers, notification inbox with coalesced pushes.
+//! - [`doc::DocActor`]: one per collaborative document (`yrs`): applies,
+//!   persists (group commit, snapshots) and broadcasts updates, relays
+//!   awareness; reached from `/doc` (y-websocket) sockets through
+//!   [`doc::session`] and from Chorus sockets through `doc.*` requests.
 //! - [`hub::Hub`]: one per node. Knows the node's connections and which
 //!   channels each is subscribed to; a room sends it one copy of each
 //!   message, encoded once ([`chorus_protocol::SharedFrame`]).
@@ -30,6 +34,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod doc;
 pub mod error;
 pub mod hub;
 pub mod log;
@@ -41,7 +46,7 @@ pub mod services;
 pub mod user;
 
 pub use auth::{Claims, TokenVerifier};
-pub use config::ActorConfig;
+pub use config::{ActorConfig, DocsConfig};
 pub use error::Fail;
 pub use hub::{ConnAddr, ConnId, ConnSink};
 pub use metrics::Metrics;

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub store_append_seconds: Histogram,
     pub append_batch_size: Histogram,
     errors: Family<Labels, Counter>,
+    /// `chorus_doc_*`.
+    pub docs: DocMetrics,
     /// `chorus_cluster_*`.
     pub cluster: ClusterMetrics,
 }
@@ -57,10 +59,12 @@ impl Metrics {
             store_append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             append_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             errors: Family::default(),
+            docs: DocMetrics::default(),
             cluster: ClusterMetrics::default(),
             registry: Registry::default(),
         };
         m.cluster.register(&mut registry);
+        m.docs.register(&mut registry);
         registry.register(
             "connections",
             "Open WebSocket connections",
@@ -144,6 +148,83 @@ impl Metrics {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         out
+    }
+}
+
+/// Collaborative documents.
+#[derive(Clone)]
+pub struct DocMetrics {
+    pub active: Gauge,
+    pub connections: Gauge,
+    pub updates: Counter,
+    pub update_bytes: Counter,
+    pub awareness_updates: Counter,
+    pub compactions: Counter,
+    pub load_seconds: Histogram,
+    pub append_seconds: Histogram,
+    pub refused: Counter,
+}
+
+impl Default for DocMetrics {
+    fn default() -> Self {
+        DocMetrics {
+            active: Gauge::default(),
+            connections: Gauge::default(),
+            updates: Counter::default(),
+            update_bytes: Counter::default(),
+            awareness_updates: Counter::default(),
+            compactions: Counter::default(),
+            load_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            refused: Counter::default(),
+        }
+    }
+}
+
+impl DocMetrics {
+    fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("doc");
+        r.register("active", "Document actors in memory", self.active.clone());
+        r.register(
+            "connections",
+            "Open /doc (y-websocket) connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "updates",
+            "Document updates made durable",
+            self.updates.clone(),
+        );
+        r.register(
+            "update_bytes",
+            "Bytes of document updates made durable",
+            self.update_bytes.clone(),
+        );
+        r.register(
+            "awareness_updates",
+            "Awareness updates relayed (not stored)",
+            self.awareness_updates.clone(),
+        );
+        r.register(
+            "compactions",
+            "Document logs compacted into a snapshot",
+            self.compactions.clone(),
+        );
+        r.register(
+            "load_seconds",
+            "Time to load a document (snapshot plus tail) into memory",
+            self.load_seconds.clone(),
+        );
+        r.register(
+            "append_seconds",
+            "Latency of durable document appends (one batch)",
+            self.append_seconds.clone(),
+        );
+        r.register(
+            "refused_updates",
+            "Updates refused (read-only, too large, invalid, rate-limited)",
+            self.refused.clone(),
+        );
     }
 }
 

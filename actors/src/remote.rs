@@ -27,7 +27,7 @@ use crate::hub::{
 };
 use crate::placement::{ActorKind, NodeId, Placed};
 use crate::services::{Replier, Services};
-use crate::{room, user, Fail};
+use crate::{doc, room, user, Fail};
 
 /// How often a request may be forwarded between nodes that disagree on its owner.
 pub const MAX_HOPS: u8 = 2;
@@ -65,6 +65,39 @@ pub enum PeerMsg {
     /// The sender saw this node down and forgot its connections and
     /// subscribers: they are to be registered and announced again.
     Forgotten,
+    /// A document on the sender registers a local connection that opened it.
+    HubDocJoin {
+        channel: String,
+        conn: ConnId,
+        yjs: bool,
+    },
+    HubDocLeave {
+        channel: String,
+        conn: ConnId,
+    },
+    /// A document's update or awareness push for its clients here, but
+    /// `except` (its origin). Sent once per node.
+    HubDocDeliver {
+        channel: String,
+        push: chorus_protocol::doc::DocPush,
+        except: Option<ConnAddr>,
+    },
+    /// A y-protocols message for one `/doc` socket here.
+    HubSendYjs {
+        conn: ConnId,
+        bytes: serde_bytes::ByteBuf,
+    },
+    /// Close one connection here with a code.
+    HubCloseConn {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+    },
+    /// The sender's document stopped or was deleted: its clients here are told.
+    HubDocDrop {
+        channel: String,
+        reason: String,
+    },
 }
 
 /// A message for the actor of `kind` and `key`.
@@ -103,7 +136,10 @@ macro_rules! wire {
         room subscribe: [$($rs:ident),*],
         room ask: [$($ra:ident),*],
         user tell: [$($ut:ident $(+ $ur:ident)?),*],
-        user ask: [$($ua:ident),*] $(,)?
+        user ask: [$($ua:ident),*],
+        doc tell: [$($dt:ident $(+ $dr:ident)?),*],
+        doc custom: [$($dc:ident),*],
+        doc ask: [$($da:ident),*] $(,)?
     ) => {
         /// Every message a node may send to another node's actors.
         #[derive(Serialize, Deserialize)]
@@ -113,6 +149,9 @@ macro_rules! wire {
             $($ra(room::$ra),)*
             $($ut(user::$ut),)*
             $($ua(user::$ua),)*
+            $($dt(doc::$dt),)*
+            $($dc(doc::$dc),)*
+            $($da(doc::$da),)*
         }
 
         $(impl Wire for room::$rt {
@@ -133,6 +172,13 @@ macro_rules! wire {
         $(impl Wire for user::$ua {
             fn into_msg(self) -> ActorMsg { ActorMsg::$ua(self) }
         })*
+        $(impl Wire for doc::$dt {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$dt(self) }
+            $(fn replier(&mut self) -> Option<&mut Replier> { let _ = stringify!($dr); Some(&mut self.replier) })?
+        })*
+        $(impl Wire for doc::$da {
+            fn into_msg(self) -> ActorMsg { ActorMsg::$da(self) }
+        })*
 
         impl ActorMsg {
             /// The replier inside a tell, to answer it from here.
@@ -140,6 +186,7 @@ macro_rules! wire {
                 match self {
                     $(ActorMsg::$rt(mut m) => m.replier().map(|r| std::mem::replace(r, Replier::None)),)*
                     $(ActorMsg::$ut(mut m) => m.replier().map(|r| std::mem::replace(r, Replier::None)),)*
+                    $(ActorMsg::$dt(mut m) => m.replier().map(|r| std::mem::replace(r, Replier::None)),)*
                     _ => None,
                 }
             }
@@ -187,6 +234,28 @@ macro_rules! wire {
                         };
                         self.answer(reply, r).await;
                     })*
+                    $(ActorMsg::$dt(m) => {
+                        let _ = if if_active {
+                            self.tell_if_active_here::<doc::DocActor, _>(&key, m).await
+                        } else {
+                            self.tell_local::<doc::DocActor, _>(&key, m).await
+                        };
+                    })*
+                    $(ActorMsg::$dc(m) => {
+                        let _ = if if_active {
+                            self.tell_if_active_here::<doc::DocActor, _>(&key, m).await
+                        } else {
+                            self.tell_local::<doc::DocActor, _>(&key, m).await
+                        };
+                    })*
+                    $(ActorMsg::$da(m) => {
+                        let r = if if_active {
+                            self.ask_if_active_here::<doc::DocActor, _, _>(&key, m).await.map(|v| to_json(&v))
+                        } else {
+                            self.ask_local::<doc::DocActor, _, _>(&key, m).await.map(|v| to_json(&v))
+                        };
+                        self.answer(reply, r).await;
+                    })*
                 }
             }
         }
@@ -203,6 +272,24 @@ wire! {
     room ask: [Members, Authorize, Typing, Summary],
     user tell: [Disconnected, Activity, Notify + replier],
     user ask: [Connected, SetPresence, Watch, Unwatch, Query, MarkRead, SetPrefs],
+    doc tell: [
+        DocApply + replier, DocAwareness + replier, DocLeave + replier, DocCreate + replier,
+        DocDelete + replier, DocSync, DocQueryAwareness
+    ],
+    doc custom: [DocOpen],
+    doc ask: [DocRead],
+}
+
+/// A Chorus socket's `doc.open` is answered through its hub (the reply
+/// carries the state, in order with the document's pushes); a `/doc`
+/// socket's open has no reply.
+impl Wire for doc::DocOpen {
+    fn into_msg(self) -> ActorMsg {
+        ActorMsg::DocOpen(self)
+    }
+    fn awaited(&mut self) -> Option<(ConnAddr, u64)> {
+        (!self.yjs).then(|| (self.conn.clone(), self.req_id))
+    }
 }
 
 fn to_json<T: Serialize>(v: &T) -> Value {
@@ -214,7 +301,7 @@ pub fn decode(bytes: &[u8]) -> Result<PeerMsg, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }
 
-fn encode(msg: &PeerMsg) -> Option<Bytes> {
+pub(crate) fn encode(msg: &PeerMsg) -> Option<Bytes> {
     match rmp_serde::to_vec_named(msg) {
         Ok(v) => Some(Bytes::from(v)),
         Err(e) => {
@@ -528,6 +615,12 @@ impl Services {
             }
             PeerMsg::OwnerStopped { channel } => self.owner_stopped(from, channel),
             PeerMsg::Forgotten => self.forgotten_by(from),
+            m @ (PeerMsg::HubDocJoin { .. }
+            | PeerMsg::HubDocLeave { .. }
+            | PeerMsg::HubDocDeliver { .. }
+            | PeerMsg::HubSendYjs { .. }
+            | PeerMsg::HubCloseConn { .. }
+            | PeerMsg::HubDocDrop { .. }) => self.on_doc_peer_msg(from, m).await,
         }
     }
 
@@ -625,6 +718,49 @@ mod tests {
                 channel: "room:lobby".into(),
             },
             PeerMsg::Forgotten,
+            PeerMsg::HubDocJoin {
+                channel: "doc:notes".into(),
+                conn: 7,
+                yjs: true,
+            },
+            PeerMsg::HubDocDeliver {
+                channel: "doc:notes".into(),
+                push: chorus_protocol::doc::DocPush::new(
+                    chorus_protocol::doc::DocEvent::Update,
+                    "notes",
+                    vec![1, 1, 2, 0, 0],
+                ),
+                except: Some(conn.clone()),
+            },
+            PeerMsg::HubSendYjs {
+                conn: 7,
+                bytes: serde_bytes::ByteBuf::from(vec![0, 0, 1, 0]),
+            },
+            PeerMsg::HubCloseConn {
+                conn: 7,
+                code: 4014,
+                reason: "moved".into(),
+            },
+            PeerMsg::HubDocDrop {
+                channel: "doc:notes".into(),
+                reason: "deleted".into(),
+            },
+            PeerMsg::Actor(Envelope {
+                kind: ActorKind::Doc,
+                key: "notes".into(),
+                msg: ActorMsg::DocApply(doc::DocApply {
+                    origin: Some(conn.clone()),
+                    update: vec![0, 0],
+                    replier: Replier::Remote {
+                        node: NodeId::new("node-2"),
+                        corr: 9,
+                    },
+                    close_origin: true,
+                }),
+                hops: 0,
+                if_active: false,
+                reply: None,
+            }),
             PeerMsg::Actor(Envelope {
                 kind: ActorKind::Room,
                 key: "room:lobby".into(),

@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::cluster::Cluster;
 use crate::conn::ConnActor;
+use crate::doc::DocActor;
 use crate::hub::{ConnAddr, ConnId, Hub};
 use crate::placement::{NodeId, Registry};
 use crate::remote::{PeerMsg, Wire};
@@ -101,6 +102,7 @@ pub struct Services {
     pub cluster: Arc<Cluster>,
     pub(crate) rooms: Registry<RoomActor>,
     pub(crate) users: Registry<UserActor>,
+    pub(crate) docs: Registry<DocActor>,
     next_conn: AtomicU64,
     /// This node's connection actors, to tell them when owners change.
     conns: Mutex<HashMap<ConnId, WeakActorRef<ConnActor>>>,
@@ -141,6 +143,7 @@ impl Services {
             cluster,
             rooms: Registry::default(),
             users: Registry::default(),
+            docs: Registry::default(),
             // Numbered from the generation (a start time in µs): ids of an
             // earlier incarnation of this node are all below ours.
             next_conn: AtomicU64::new(first_conn),
@@ -312,7 +315,34 @@ impl Services {
     /// no longer owns (the view changed): their next message activates them
     /// at the new owner, which loads from the shared store. Returns how many.
     pub fn hand_over_moved_keys(&self) -> usize {
-        self.hand_over::<RoomActor>() + self.hand_over::<UserActor>()
+        self.hand_over::<RoomActor>() + self.hand_over::<UserActor>() + self.hand_over::<DocActor>()
+    }
+
+    /// Active documents on this node.
+    pub fn active_docs(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// How long an unused document stays in memory.
+    pub fn docs_passivate_after(&self) -> Duration {
+        Duration::from_millis(self.config.docs.passivate_after_ms)
+    }
+
+    pub async fn tell_doc<M>(self: &Arc<Self>, doc: &str, msg: M) -> Result<(), Fail>
+    where
+        DocActor: Message<M, Reply = ()>,
+        M: Wire,
+    {
+        self.tell::<DocActor, M>(doc, msg).await
+    }
+
+    pub async fn ask_doc<M, T>(self: &Arc<Self>, doc: &str, msg: M) -> Result<T, Fail>
+    where
+        DocActor: Message<M, Reply = Result<T, Fail>>,
+        M: Wire,
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        self.ask::<DocActor, M, T>(doc, msg).await
     }
 
     /// Active (rooms, users) on this node.
@@ -325,6 +355,8 @@ impl Services {
     /// Waits at most `timeout` for each kind; returns how many did not stop.
     pub async fn stop_actors(&self, timeout: Duration) -> usize {
         self.stopping.store(true, Ordering::Relaxed);
-        self.stop_all::<RoomActor>(timeout).await + self.stop_all::<UserActor>(timeout).await
+        self.stop_all::<RoomActor>(timeout).await
+            + self.stop_all::<DocActor>(timeout).await
+            + self.stop_all::<UserActor>(timeout).await
     }
 }

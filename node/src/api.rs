@@ -54,6 +54,10 @@ api_routes! {
     get "/users/{user}/presence" => presence;
     post "/topics/{topic}/publish" => publish_topic;
     post "/feeds" => publish_feeds;
+    post "/docs/{doc}" => crate::api_docs::create_doc;
+    get "/docs/{doc}" => crate::api_docs::get_doc;
+    post "/docs/{doc}/updates" => crate::api_docs::apply_doc;
+    delete "/docs/{doc}" => crate::api_docs::delete_doc;
     get "/openapi.json" => openapi::serve;
 }
 
@@ -61,16 +65,16 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
     use ErrorCode::*;
     match code {
         MalformedFrame | UnknownOp | InvalidArgs | InvalidValue | WrongEncoding | BadChannel
-        | WrongRoomKind => StatusCode::BAD_REQUEST,
-        FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        | WrongRoomKind | InvalidUpdate | DocNotOpen => StatusCode::BAD_REQUEST,
+        FrameTooLarge | UpdateTooLarge | DocTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        RateLimited | DocRateLimited => StatusCode::TOO_MANY_REQUESTS,
         TokenMissing | TokenMalformed | TokenBadSignature | TokenExpired | TokenAlgorithm
         | TokenMissingClaim | TokenUserMismatch | ApiKeyInvalid => StatusCode::UNAUTHORIZED,
-        Forbidden | NotMember | NotAuthor => StatusCode::FORBIDDEN,
-        RoomNotFound | MessageNotFound | NotificationNotFound | NotSubscribed => {
+        Forbidden | NotMember | NotAuthor | DocReadOnly => StatusCode::FORBIDDEN,
+        RoomNotFound | MessageNotFound | NotificationNotFound | NotSubscribed | DocNotFound => {
             StatusCode::NOT_FOUND
         }
-        RoomExists | Conflict => StatusCode::CONFLICT,
+        RoomExists | Conflict | DocExists => StatusCode::CONFLICT,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         StoreUnavailable | Overloaded | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
     }
@@ -232,6 +236,12 @@ async fn wait_value(
         Ok(Err(_)) => Err(fail(Fail::new(ErrorCode::Internal, "request dropped"))),
         Err(_) => Err(fail(Fail::new(ErrorCode::Overloaded, "timed out, retry"))),
     }
+}
+
+pub(crate) async fn wait_reply(
+    rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>,
+) -> ApiResult {
+    wait(rx).await
 }
 
 async fn wait(rx: tokio::sync::oneshot::Receiver<Result<Value, Fail>>) -> ApiResult {

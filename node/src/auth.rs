@@ -29,6 +29,19 @@ struct RawClaims {
     topics: Option<Vec<String>>,
     #[serde(default)]
     publish: Option<Vec<String>>,
+    #[serde(default)]
+    docs: Option<Vec<String>>,
+    #[serde(default)]
+    doc_write: Option<DocWrite>,
+}
+
+/// `doc_write`: `true` (the default), `false` (read-only) or the documents
+/// (patterns) the token may write.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DocWrite {
+    All(bool),
+    Only(Vec<String>),
 }
 
 pub struct JwtVerifier {
@@ -160,6 +173,12 @@ impl TokenVerifier for JwtVerifier {
             rooms: c.rooms,
             topics: c.topics,
             publish: c.publish.unwrap_or_default(),
+            docs: c.docs,
+            doc_write: match c.doc_write {
+                None | Some(DocWrite::All(true)) => None,
+                Some(DocWrite::All(false)) => Some(Vec::new()),
+                Some(DocWrite::Only(p)) => Some(p),
+            },
         })
     }
 }

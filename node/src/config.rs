@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chorus_actors::cluster::ClusterConfig;
-use chorus_actors::ActorConfig;
+use chorus_actors::{ActorConfig, DocsConfig};
 use chorus_storage::{Backend, StorageConfig};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,7 @@ pub struct Config {
     pub shutdown: ShutdownSection,
     pub cluster: ClusterConfig,
     pub storage: StorageConfig,
+    pub docs: DocsConfig,
     pub log: LogSection,
 }
 
@@ -50,6 +51,7 @@ impl Default for Config {
             shutdown: ShutdownSection::default(),
             cluster: ClusterConfig::default(),
             storage: StorageConfig::default(),
+            docs: DocsConfig::default(),
             log: LogSection::default(),
         }
     }
@@ -449,6 +451,9 @@ impl Config {
         if self.auth.api_key.len() < 8 {
             bail!("auth.api_key must be at least 8 characters");
         }
+        if let Err(why) = self.docs.validate() {
+            bail!("{why}");
+        }
         if self.limits.max_frame_bytes == 0
             || self.limits.hard_max_frame_bytes < self.limits.max_frame_bytes
         {
@@ -530,6 +535,7 @@ impl Config {
             idle_after: ms(self.presence.idle_after_ms),
             notify_coalesce: ms(self.notifications.coalesce_ms),
             max_watch: self.limits.max_watch,
+            docs: self.docs.clone(),
         }
     }
 }

@@ -15,8 +15,10 @@
 
 pub mod api;
 pub mod api_cluster;
+pub mod api_docs;
 pub mod auth;
 pub mod config;
+pub mod doc_ws;
 pub mod membership;
 pub mod status;
 pub mod ws;
@@ -179,6 +181,7 @@ pub async fn start_with(config: Config, deps: Deps) -> anyhow::Result<NodeHandle
             )
             .app_data(web::QueryConfig::default().error_handler(api::query_error))
             .route("/ws", web::get().to(ws::handshake))
+            .route("/doc/{doc}", web::get().to(doc_ws::handshake))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_route))

@@ -57,6 +57,11 @@ pub const API_ERRORS: &[ErrorCode] = {
         RoomExists,
         MessageNotFound,
         WrongRoomKind,
+        InvalidUpdate,
+        UpdateTooLarge,
+        DocTooLarge,
+        DocNotFound,
+        DocExists,
         Internal,
         StoreUnavailable,
         Conflict,
@@ -86,6 +91,10 @@ pub const API_ERRORS: &[ErrorCode] = {
         presence,
         publish_topic,
         publish_feeds,
+        create_doc,
+        get_doc,
+        apply_doc,
+        delete_doc,
         cluster,
         openapi_json
     ),
@@ -427,6 +436,71 @@ fn publish_topic() {}
     responses((status = 200, description = "Stored in every feed", body = FeedsPublished)))]
 #[allow(dead_code)]
 fn publish_feeds() {}
+
+/// `{doc, seq}`: the update is durable as update `seq` of the document.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct DocWritten {
+    doc: String,
+    seq: u64,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct DocDeleted {
+    doc: String,
+    deleted: bool,
+}
+
+/// A document's committed state.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct DocState {
+    doc: String,
+    /// The whole state as one Yjs (v1) update, base64.
+    #[schema(content_encoding = "base64")]
+    update: String,
+    /// Its Yjs state vector, base64.
+    #[schema(content_encoding = "base64")]
+    state_vector: String,
+    /// The last durable update.
+    seq: u64,
+    /// The update the stored snapshot covers (0: never compacted).
+    snapshot_seq: u64,
+    /// Updates stored after the snapshot.
+    tail: u64,
+    /// Bytes stored: snapshot plus tail.
+    stored_bytes: u64,
+    /// Connections that have it open.
+    clients: u64,
+    /// Each root as JSON: a root with keys is an object (Y.Map), a root of
+    /// other values an array (Y.Array), any other a string (Y.Text).
+    #[schema(value_type = Object)]
+    json: Value,
+}
+
+#[utoipa::path(post, path = "/api/v1/docs/{doc}", params(("doc" = Id, Path)),
+    request_body = crate::api_docs::CreateDoc,
+    responses((status = 200, description = "Created: its initial state is update 1", body = DocWritten,
+        links(("get_doc" = (operation_id = "get_doc", parameters(("doc" = "$request.path.doc"))))))))]
+#[allow(dead_code)]
+fn create_doc() {}
+
+#[utoipa::path(get, path = "/api/v1/docs/{doc}", params(("doc" = Id, Path)),
+    responses((status = 200, description = "The document's state", body = DocState)))]
+#[allow(dead_code)]
+fn get_doc() {}
+
+#[utoipa::path(post, path = "/api/v1/docs/{doc}/updates", params(("doc" = Id, Path)),
+    request_body = crate::api_docs::ApplyDoc,
+    responses((status = 200, description = "Durable, and sent to the document's clients", body = DocWritten)))]
+#[allow(dead_code)]
+fn apply_doc() {}
+
+#[utoipa::path(delete, path = "/api/v1/docs/{doc}", params(("doc" = Id, Path)),
+    responses((status = 200, description = "Deleted; its clients are told", body = DocDeleted)))]
+#[allow(dead_code)]
+fn delete_doc() {}
 
 /// The cluster as this node sees it (what `chorus status` prints); the
 /// handler is `crate::api_cluster`.

@@ -34,7 +34,7 @@ use crate::AppState;
 const CONN_MAILBOX: usize = 64;
 
 /// The token from `Authorization: Bearer …` or `?token=…`.
-fn token(req: &HttpRequest) -> Option<String> {
+pub(crate) fn token(req: &HttpRequest) -> Option<String> {
     if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
         // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is as good as `Bearer`.
         let bearer = h
@@ -421,7 +421,7 @@ async fn send(
 /// The close a broken WebSocket stream gets (RFC 6455 section 7.4.1): 1009
 /// for a frame over the hard limit, 1007 for a text frame that is not UTF-8,
 /// 1002 for anything else that is not valid WebSocket.
-fn protocol_close(e: &ProtocolError) -> (CloseCode, ErrorCode, &'static str) {
+pub(crate) fn protocol_close(e: &ProtocolError) -> (CloseCode, ErrorCode, &'static str) {
     match e {
         ProtocolError::Overflow => (
             CloseCode::Size,

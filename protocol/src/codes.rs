@@ -57,6 +57,12 @@ error_codes! {
     WrongEncoding = 1006, "wrong_encoding", false;
     /// A value is out of range (too long a text, too large a page, bad offset).
     InvalidValue = 1007, "invalid_value", false;
+    /// The bytes are not a valid Yjs update or y-protocols awareness update.
+    InvalidUpdate = 1008, "invalid_update", false;
+    /// A document update larger than `docs.max_update_bytes`.
+    UpdateTooLarge = 1009, "update_too_large", false;
+    /// The connection sent more document updates than `docs.updates_per_sec` allows.
+    DocRateLimited = 1010, "doc_rate_limited", true;
 
     /// No token in the `Authorization` header or the `token` query parameter.
     TokenMissing = 2001, "token_missing", false;
@@ -95,6 +101,16 @@ error_codes! {
     NotSubscribed = 3009, "not_subscribed", false;
     /// No notification with that id.
     NotificationNotFound = 3010, "notification_not_found", false;
+    /// The document does not exist (server API reads and deletes).
+    DocNotFound = 3011, "doc_not_found", false;
+    /// The token may open this document but not write it (`doc_write` claim).
+    DocReadOnly = 3012, "doc_read_only", false;
+    /// `doc.update` / `doc.awareness` on a document this connection has not opened.
+    DocNotOpen = 3013, "doc_not_open", false;
+    /// The update would make the document larger than `docs.max_doc_bytes`.
+    DocTooLarge = 3014, "doc_too_large", false;
+    /// The document already exists (server API create).
+    DocExists = 3015, "doc_exists", false;
 
     /// An unexpected server error; the request may or may not have taken effect.
     Internal = 5001, "internal", true;
@@ -134,6 +150,17 @@ pub mod close {
     pub const RATE_LIMITED: u16 = 4003;
     /// The client did not answer pings for `limits.idle_timeout`.
     pub const IDLE_TIMEOUT: u16 = 4004;
+    /// `/doc`: a message that is not valid y-protocols (or not a valid Yjs update).
+    pub const DOC_INVALID: u16 = 4010;
+    /// `/doc`: an update larger than `docs.max_update_bytes`.
+    pub const DOC_UPDATE_TOO_LARGE: u16 = 4011;
+    /// `/doc`: the update would make the document larger than `docs.max_doc_bytes`.
+    pub const DOC_TOO_LARGE: u16 = 4012;
+    /// `/doc`: more updates than `docs.updates_per_sec` allows; reconnecting resyncs.
+    pub const DOC_RATE_LIMITED: u16 = 4013;
+    /// `/doc`: the document moved to another node, was deleted, or could not be
+    /// written; reconnect (y-websocket does by itself) and the sync repairs the rest.
+    pub const DOC_RECONNECT: u16 = 4014;
 }
 
 #[cfg(test)]

@@ -84,7 +84,8 @@ pub struct CodecError(pub String);
 pub struct RawRequest {
     pub id: u64,
     pub op: String,
-    #[serde(default)]
+    /// Bytes (a MessagePack `bin`) become their base64 string here.
+    #[serde(default, deserialize_with = "crate::doc::lenient_value")]
     pub args: Value,
 }
 
@@ -170,11 +171,28 @@ impl Push {
 }
 
 /// Anything the server sends.
+///
+/// The document variants come first: a frame that has their shape (a
+/// `doc.open` reply, a `doc.update` or `doc.awareness` push) decodes as one,
+/// keeping its bytes as bytes; every other frame as a `Reply` or `Push`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ServerFrame {
+    DocReply(crate::doc::DocReply),
+    DocPush(crate::doc::DocPush),
     Reply(Reply),
     Push(Push),
+}
+
+impl ServerFrame {
+    /// The request id, for a reply.
+    pub fn reply_id(&self) -> Option<u64> {
+        match self {
+            ServerFrame::Reply(r) => Some(r.id),
+            ServerFrame::DocReply(r) => Some(r.id),
+            _ => None,
+        }
+    }
 }
 
 /// A frame encoded at most once per encoding, however many connections it goes to.
@@ -186,6 +204,9 @@ pub struct SharedFrame {
     frame: ServerFrame,
     json: OnceLock<Bytes>,
     msgpack: OnceLock<Bytes>,
+    /// The same event in y-protocols framing, for `/doc` (y-websocket)
+    /// connections: built once by the document that sends it.
+    yjs: Option<Bytes>,
 }
 
 impl SharedFrame {
@@ -194,7 +215,22 @@ impl SharedFrame {
             frame,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
+            yjs: None,
         }
+    }
+
+    /// A frame that also has a y-protocols encoding (`yjs`), which `/doc`
+    /// connections send instead of the Chorus envelope.
+    pub fn with_yjs(frame: ServerFrame, yjs: Bytes) -> SharedFrame {
+        SharedFrame {
+            yjs: Some(yjs),
+            ..SharedFrame::new(frame)
+        }
+    }
+
+    /// The y-protocols message, if this frame has one.
+    pub fn yjs(&self) -> Option<&Bytes> {
+        self.yjs.as_ref()
     }
 
     pub fn frame(&self) -> &ServerFrame {

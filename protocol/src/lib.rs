@@ -7,11 +7,14 @@
 //! - [`ops`]: every request with its arguments and result, and the push payloads.
 //! - [`types`]: the domain records (entries, rooms, notifications, presence),
 //!   which are also what the store keeps.
+//! - [`doc`]: collaborative documents' requests, replies and pushes, whose
+//!   Yjs payloads are bytes (base64 in JSON, `bin` in MessagePack).
 //! - [`codes`]: numeric error codes and WebSocket close codes.
 //!
 //! `docs/protocol.md` is the reference for clients; this crate is its code.
 
 pub mod codes;
+pub mod doc;
 pub mod frame;
 pub mod ops;
 pub mod types;

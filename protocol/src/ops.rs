@@ -203,6 +203,10 @@ pub enum Request {
     PresenceWatch(PresenceWatch),
     PresenceUnwatch(PresenceWatch),
     PresenceQuery(PresenceQuery),
+    DocOpen(crate::doc::DocOpen),
+    DocUpdate(crate::doc::DocBytes),
+    DocAwareness(crate::doc::DocBytes),
+    DocClose(crate::doc::DocRef),
 }
 
 /// Every op name, as sent in `op`.
@@ -235,6 +239,10 @@ pub const OPS: &[&str] = &[
     "presence.watch",
     "presence.unwatch",
     "presence.query",
+    "doc.open",
+    "doc.update",
+    "doc.awareness",
+    "doc.close",
 ];
 
 fn args<T: DeserializeOwned>(op: &str, args: Value) -> Result<T, (ErrorCode, String)> {
@@ -289,6 +297,10 @@ impl Request {
             "presence.watch" => Request::PresenceWatch(args(op, a)?),
             "presence.unwatch" => Request::PresenceUnwatch(args(op, a)?),
             "presence.query" => Request::PresenceQuery(args(op, a)?),
+            "doc.open" => Request::DocOpen(args(op, a)?),
+            "doc.update" => Request::DocUpdate(args(op, a)?),
+            "doc.awareness" => Request::DocAwareness(args(op, a)?),
+            "doc.close" => Request::DocClose(args(op, a)?),
             other => {
                 let shown: String = other.chars().take(64).collect();
                 return Err((ErrorCode::UnknownOp, format!("unknown op `{shown}`")));

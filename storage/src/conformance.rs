@@ -26,8 +26,8 @@ use chorus_protocol::{now_ms, Priority, Role, RoomKind};
 use serde_json::json;
 
 use crate::{
-    ChannelHead, Entry, EntryKind, ErrorKind, Member, Millis, Notification, NotificationPrefs,
-    RoomInfo, Store, MAX_PAGE,
+    ChannelHead, DocUpdate, Entry, EntryKind, ErrorKind, Member, Millis, Notification,
+    NotificationPrefs, RoomInfo, Store, MAX_PAGE,
 };
 
 /// Expands into one `#[tokio::test]` per conformance case.
@@ -59,6 +59,11 @@ macro_rules! conformance_tests {
             prefs_round_trip => case_prefs_round_trip,
             last_seen => case_last_seen,
             flush => case_flush,
+            doc_log_and_head => case_doc_log_and_head,
+            doc_conflict_writes_nothing => case_doc_conflict_writes_nothing,
+            doc_compaction => case_doc_compaction,
+            doc_delete => case_doc_delete,
+            doc_concurrent_appenders => case_doc_concurrent_appenders,
         );
     };
     (@cases ($factory:expr) $($test:ident => $case:ident,)*) => {
@@ -1410,4 +1415,200 @@ pub async fn case_flush(store: Arc<dyn Store>) {
         1
     );
     assert_eq!(store.last_seen(&user).await.expect("last_seen"), Some(42));
+}
+
+// ---- collaborative documents ----
+
+fn upd(seq: u64) -> DocUpdate {
+    // Bytes of every value, and sizes that vary, so truncation would show.
+    let data = (0..(seq % 7 + 1) * 37)
+        .map(|i| (i * 31 + seq) as u8)
+        .collect();
+    DocUpdate { seq, data }
+}
+
+/// A document does not exist until its first append; its log reads back
+/// in order, byte for byte, and the head follows the last seq.
+pub async fn case_doc_log_and_head(store: Arc<dyn Store>) {
+    let doc = uniq("");
+    assert_eq!(store.doc_load(&doc).await.expect("load"), None);
+    store.doc_append(&doc, &[upd(1)]).await.expect("first");
+    store
+        .doc_append(&doc, &[upd(2), upd(3), upd(4)])
+        .await
+        .expect("batch");
+    let rec = store.doc_load(&doc).await.expect("load").expect("exists");
+    assert_eq!(rec.snapshot, None);
+    assert_eq!(rec.snapshot_seq, 0);
+    assert_eq!(rec.updates, (1..=4).map(upd).collect::<Vec<_>>());
+    assert_eq!(rec.head(), 4);
+    // Another document is another log.
+    let other = uniq("");
+    store.doc_append(&other, &[upd(1)]).await.expect("other");
+    assert_eq!(store.doc_load(&doc).await.unwrap().unwrap().head(), 4);
+    // An empty update is stored as such.
+    let empty = DocUpdate {
+        seq: 5,
+        data: Vec::new(),
+    };
+    store
+        .doc_append(&doc, std::slice::from_ref(&empty))
+        .await
+        .expect("empty");
+    assert_eq!(
+        store.doc_load(&doc).await.unwrap().unwrap().updates[4],
+        empty
+    );
+}
+
+/// An append that does not follow the head (taken seqs, a gap, not from 1
+/// for a new document) fails with a conflict and writes nothing.
+pub async fn case_doc_conflict_writes_nothing(store: Arc<dyn Store>) {
+    let doc = uniq("");
+    let kind = |r: crate::Result<()>| r.expect_err("must conflict").kind;
+    assert_eq!(
+        kind(store.doc_append(&doc, &[upd(2)]).await),
+        ErrorKind::Conflict
+    );
+    assert_eq!(store.doc_load(&doc).await.unwrap(), None);
+    store
+        .doc_append(&doc, &[upd(1), upd(2)])
+        .await
+        .expect("append");
+    assert_eq!(
+        kind(store.doc_append(&doc, &[upd(2), upd(3)]).await),
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        kind(store.doc_append(&doc, &[upd(1)]).await),
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        kind(store.doc_append(&doc, &[upd(4)]).await),
+        ErrorKind::Conflict
+    );
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(rec.updates, vec![upd(1), upd(2)]);
+}
+
+/// Compaction replaces the prefix by the snapshot and keeps the tail; it
+/// never moves back, refuses to pass the head, and needs the document.
+pub async fn case_doc_compaction(store: Arc<dyn Store>) {
+    let doc = uniq("");
+    let missing = store.doc_compact(&doc, 1, b"s").await.expect_err("missing");
+    assert_eq!(missing.kind, ErrorKind::NotFound);
+    let all: Vec<DocUpdate> = (1..=10).map(upd).collect();
+    store.doc_append(&doc, &all).await.expect("append");
+    store
+        .doc_compact(&doc, 6, b"snapshot-6")
+        .await
+        .expect("compact");
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(rec.snapshot.as_deref(), Some(&b"snapshot-6"[..]));
+    assert_eq!(rec.snapshot_seq, 6);
+    assert_eq!(rec.updates, (7..=10).map(upd).collect::<Vec<_>>());
+    assert_eq!(rec.head(), 10);
+    // Older or equal: nothing changes.
+    store
+        .doc_compact(&doc, 4, b"older")
+        .await
+        .expect("older is a no-op");
+    store
+        .doc_compact(&doc, 6, b"again")
+        .await
+        .expect("same is a no-op");
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(rec.snapshot.as_deref(), Some(&b"snapshot-6"[..]));
+    let past = store
+        .doc_compact(&doc, 11, b"x")
+        .await
+        .expect_err("past head");
+    assert_eq!(past.kind, ErrorKind::Conflict);
+    // Appends go on after the head, not after the snapshot.
+    let conflict = store.doc_append(&doc, &[upd(7)]).await.expect_err("taken");
+    assert_eq!(conflict.kind, ErrorKind::Conflict);
+    store.doc_append(&doc, &[upd(11)]).await.expect("next");
+    // Up to the head: the whole log is the snapshot; the head stays.
+    store
+        .doc_compact(&doc, 11, b"snapshot-11")
+        .await
+        .expect("to head");
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(
+        (rec.snapshot_seq, rec.updates.len(), rec.head()),
+        (11, 0, 11)
+    );
+    store
+        .doc_append(&doc, &[upd(12)])
+        .await
+        .expect("after full compaction");
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(rec.updates, vec![upd(12)]);
+    assert_eq!(
+        rec.stored_bytes(),
+        (b"snapshot-11".len() + upd(12).data.len()) as u64
+    );
+}
+
+/// Delete removes log and snapshot; the name starts over from seq 1.
+pub async fn case_doc_delete(store: Arc<dyn Store>) {
+    let doc = uniq("");
+    assert!(!store.doc_delete(&doc).await.expect("delete missing"));
+    store
+        .doc_append(&doc, &[upd(1), upd(2), upd(3)])
+        .await
+        .unwrap();
+    store.doc_compact(&doc, 2, b"snap").await.unwrap();
+    assert!(store.doc_delete(&doc).await.expect("delete"));
+    assert_eq!(store.doc_load(&doc).await.unwrap(), None);
+    assert!(!store.doc_delete(&doc).await.expect("delete again"));
+    store
+        .doc_append(&doc, &[upd(1)])
+        .await
+        .expect("starts over");
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!((rec.snapshot, rec.updates), (None, vec![upd(1)]));
+}
+
+/// Writers racing for the same seqs: exactly one wins each, nothing is lost
+/// or written twice.
+pub async fn case_doc_concurrent_appenders(store: Arc<dyn Store>) {
+    let doc = uniq("");
+    let mut tasks = Vec::new();
+    for w in 0..4u8 {
+        let store = store.clone();
+        let doc = doc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for _ in 0..40 {
+                let head = store.doc_load(&doc).await.unwrap().map_or(0, |r| r.head());
+                let u = DocUpdate {
+                    seq: head + 1,
+                    data: vec![w, (head % 251) as u8],
+                };
+                match store.doc_append(&doc, std::slice::from_ref(&u)).await {
+                    Ok(()) => won.push(u),
+                    Err(e) => assert_eq!(e.kind, ErrorKind::Conflict, "{e}"),
+                }
+                if won.len() >= 5 {
+                    break;
+                }
+            }
+            won
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        won.extend(t.await.expect("task"));
+    }
+    won.sort_by_key(|u| u.seq);
+    let rec = store.doc_load(&doc).await.unwrap().unwrap();
+    assert_eq!(
+        rec.updates, won,
+        "the store holds exactly the acknowledged appends"
+    );
+    assert_eq!(
+        rec.updates.iter().map(|u| u.seq).collect::<Vec<_>>(),
+        (1..=won.len() as u64).collect::<Vec<_>>()
+    );
 }

@@ -21,6 +21,8 @@
 //! | `notif_expiry` | `expires_at \0 user \0 id` | (empty) |
 //! | `prefs` | `user` | [`NotificationPrefs`] |
 //! | `last_seen` | `user` | millis |
+//! | `doc_updates` | `doc \0 seq` | the update's bytes |
+//! | `doc_snapshots` | `doc` | `seq` (8 bytes) then the snapshot's bytes |
 //! | `meta` | `layout` | layout version |
 //!
 //! A channel's history is then one contiguous key range, so a page is one
@@ -90,8 +92,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::{
-    ChannelHead, Entry, Member, Millis, Notification, NotificationPrefs, Result, RoomInfo,
-    StorageError, Store, MAX_PAGE,
+    ChannelHead, DocRecord, DocUpdate, Entry, Member, Millis, Notification, NotificationPrefs,
+    Result, RoomInfo, StorageError, Store, MAX_PAGE,
 };
 
 /// `[storage.embedded]`.
@@ -169,6 +171,8 @@ struct Tables {
     notif_expiry: Keyspace,
     prefs: Keyspace,
     last_seen: Keyspace,
+    doc_updates: Keyspace,
+    doc_snapshots: Keyspace,
     meta: Keyspace,
 }
 
@@ -448,6 +452,10 @@ impl Tables {
             notif_expiry: ks("notif_expiry")?,
             prefs: ks("prefs")?,
             last_seen: ks("last_seen")?,
+            // Added after layout 1 without changing it: a directory written
+            // before simply has no documents.
+            doc_updates: ks("doc_updates")?,
+            doc_snapshots: ks("doc_snapshots")?,
             meta: ks("meta")?,
         })
     }
@@ -495,6 +503,27 @@ impl Inner {
         get_decoded(&self.ks.heads, channel.as_bytes())
     }
 
+    /// The document's snapshot (seq and bytes), if it has one.
+    fn doc_snapshot(&self, doc: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        match self.ks.doc_snapshots.get(doc.as_bytes()).map_err(db_err)? {
+            Some(v) if v.len() >= 8 => Ok(Some((u64_value(&v[..8])?, v[8..].to_vec()))),
+            Some(_) => Err(StorageError::corrupt(format!(
+                "snapshot of {doc} is truncated"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The seq of the document's last update, and whether it exists at all.
+    fn doc_head(&self, doc: &str) -> Result<Option<u64>> {
+        let last = self.ks.doc_updates.prefix(prefix(doc)).next_back();
+        if let Some(g) = last {
+            let key = g.key().map_err(db_err)?;
+            return seq_of(&key).map(Some);
+        }
+        Ok(self.doc_snapshot(doc)?.map(|(seq, _)| seq))
+    }
+
     fn get_notification(&self, user: &str, id: u64) -> Result<Option<Notification>> {
         get_decoded(&self.ks.notifications, &key2(user, &id.to_be_bytes()))
     }
@@ -532,6 +561,20 @@ fn prefix(a: &str) -> Vec<u8> {
 
 fn entry_key(channel: &str, offset: u64) -> Vec<u8> {
     key2(channel, &offset.to_be_bytes())
+}
+
+/// The seq at the end of a `doc_updates` key.
+fn seq_of(key: &[u8]) -> Result<u64> {
+    let at = key
+        .len()
+        .checked_sub(8)
+        .ok_or_else(|| StorageError::corrupt("document update key too short"))?;
+    u64_value(&key[at..])
+}
+
+/// The lock stripe of a document, apart from a channel of the same name.
+fn doc_lock_name(doc: &str) -> String {
+    format!("doc\0{doc}")
 }
 
 /// Big-endian with the sign bit flipped, so that negative times sort first.
@@ -1127,6 +1170,120 @@ impl Store for EmbeddedStore {
                 None => Ok(None),
             },
         )
+        .await
+    }
+
+    async fn doc_load(&self, doc: &str) -> Result<Option<DocRecord>> {
+        check_name("document", doc)?;
+        let doc = doc.to_string();
+        self.run(move |db| {
+            let snapshot = db.doc_snapshot(&doc)?;
+            let mut updates = Vec::new();
+            for g in db.ks.doc_updates.prefix(prefix(&doc)) {
+                let (key, value) = g.into_inner().map_err(db_err)?;
+                updates.push(DocUpdate {
+                    seq: seq_of(&key)?,
+                    data: value.to_vec(),
+                });
+            }
+            if snapshot.is_none() && updates.is_empty() {
+                return Ok(None);
+            }
+            let (snapshot_seq, snapshot) = match snapshot {
+                Some((seq, bytes)) => (seq, Some(bytes)),
+                None => (0, None),
+            };
+            // A crash between a compaction's two halves cannot happen (one
+            // batch), but skip anything the snapshot covers all the same.
+            updates.retain(|u| u.seq > snapshot_seq);
+            Ok(Some(DocRecord {
+                snapshot,
+                snapshot_seq,
+                updates,
+            }))
+        })
+        .await
+    }
+
+    async fn doc_append(&self, doc: &str, updates: &[DocUpdate]) -> Result<()> {
+        check_name("document", doc)?;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(u64, Vec<u8>, Vec<u8>)> = updates
+            .iter()
+            .map(|u| (u.seq, key2(doc, &u.seq.to_be_bytes()), u.data.clone()))
+            .collect();
+        let doc = doc.to_string();
+        self.write(move |db| {
+            let _guard = db.lock(&doc_lock_name(&doc));
+            let head = db.doc_head(&doc)?.unwrap_or(0);
+            for (i, (seq, ..)) in rows.iter().enumerate() {
+                let expected = head + 1 + i as u64;
+                if *seq != expected {
+                    return Err(StorageError::conflict(format!(
+                        "document {doc}: seq {seq} does not follow the head {head} (expected {expected})"
+                    )));
+                }
+            }
+            let mut batch = db.batch();
+            for (_, key, value) in rows {
+                batch.insert(&db.ks.doc_updates, key, value);
+            }
+            Ok(((), db.commit(batch)?))
+        })
+        .await
+    }
+
+    async fn doc_compact(&self, doc: &str, upto: u64, snapshot: &[u8]) -> Result<()> {
+        check_name("document", doc)?;
+        let mut value = Vec::with_capacity(8 + snapshot.len());
+        value.extend_from_slice(&upto.to_be_bytes());
+        value.extend_from_slice(snapshot);
+        let doc = doc.to_string();
+        self.write(move |db| {
+            let _guard = db.lock(&doc_lock_name(&doc));
+            let Some(head) = db.doc_head(&doc)? else {
+                return Err(StorageError::not_found(format!(
+                    "document {doc} does not exist"
+                )));
+            };
+            if upto > head {
+                return Err(StorageError::conflict(format!(
+                    "document {doc}: cannot compact up to {upto} past the head {head}"
+                )));
+            }
+            let current = db.doc_snapshot(&doc)?.map_or(0, |(seq, _)| seq);
+            if upto <= current {
+                return Ok(((), db.commit(db.batch())?));
+            }
+            let mut batch = db.batch();
+            let (lo, hi) = (
+                key2(&doc, &0u64.to_be_bytes()),
+                key2(&doc, &upto.to_be_bytes()),
+            );
+            for g in db.ks.doc_updates.range(lo..=hi) {
+                batch.remove(&db.ks.doc_updates, g.key().map_err(db_err)?);
+            }
+            batch.insert(&db.ks.doc_snapshots, doc.as_bytes(), value);
+            Ok(((), db.commit(batch)?))
+        })
+        .await
+    }
+
+    async fn doc_delete(&self, doc: &str) -> Result<bool> {
+        check_name("document", doc)?;
+        let doc = doc.to_string();
+        self.write(move |db| {
+            let _guard = db.lock(&doc_lock_name(&doc));
+            let existed = db.doc_head(&doc)?.is_some();
+            let mut batch = db.batch();
+            for g in db.ks.doc_updates.prefix(prefix(&doc)) {
+                batch.remove(&db.ks.doc_updates, g.key().map_err(db_err)?);
+            }
+            batch.remove(&db.ks.doc_snapshots, doc.as_bytes());
+            Ok((existed, db.commit(batch)?))
+        })
         .await
     }
 

@@ -9,6 +9,8 @@
 //! - [`scylla`]: the ScyllaDB / Cassandra backend a cluster shares.
 //! - [`conformance`]: the behaviour every backend must have, run by each
 //!   backend's tests (feature `conformance` exposes it to other crates).
+//! - [`doc`]: the stored form of a collaborative document (an update log
+//!   compacted into snapshots), written by the document's actor only.
 //!
 //! Data flow: a room actor is the only writer of its channel; it assigns
 //! offsets `head+1..` and calls [`Store::append`], which fails with
@@ -27,10 +29,12 @@ pub use chorus_protocol::{
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+pub mod doc;
 pub mod embedded;
 pub mod error;
 pub mod scylla;
 
+pub use doc::{DocRecord, DocUpdate};
 pub use error::{ErrorKind, StorageError};
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -147,6 +151,29 @@ pub trait Store: Send + Sync + 'static {
 
     async fn set_last_seen(&self, user: &str, at: Millis) -> Result<()>;
     async fn last_seen(&self, user: &str) -> Result<Option<Millis>>;
+
+    // ---- collaborative documents (keyed by document name) ----
+
+    /// The document's snapshot and the updates after it; `None` if it was
+    /// never written (or was deleted).
+    async fn doc_load(&self, doc: &str) -> Result<Option<DocRecord>>;
+
+    /// Appends `updates`, whose seqs must be consecutive and follow the
+    /// document's head (1 for a new document, which this creates). All or
+    /// nothing: otherwise it fails with [`ErrorKind::Conflict`] and writes
+    /// nothing (two nodes that both believe they own the document). Durable
+    /// on return.
+    async fn doc_append(&self, doc: &str, updates: &[DocUpdate]) -> Result<()>;
+
+    /// Replaces the snapshot and every update with `seq <= upto` by
+    /// `snapshot`, the merged state at `upto`; later updates stay. A
+    /// compaction at or below the current snapshot changes nothing. Fails
+    /// with [`ErrorKind::NotFound`] for a document that does not exist and
+    /// [`ErrorKind::Conflict`] when `upto` is past the head.
+    async fn doc_compact(&self, doc: &str, upto: u64, snapshot: &[u8]) -> Result<()>;
+
+    /// Deletes the document (log and snapshot); returns whether it existed.
+    async fn doc_delete(&self, doc: &str) -> Result<bool>;
 
     /// Makes everything written so far durable (called at shutdown).
     async fn flush(&self) -> Result<()>;

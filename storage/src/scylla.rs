@@ -80,8 +80,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::{
-    ChannelHead, Entry, ErrorKind, Member, Millis, Notification, NotificationPrefs, Result,
-    RoomInfo, StorageError, MAX_PAGE,
+    ChannelHead, DocRecord, DocUpdate, Entry, ErrorKind, Member, Millis, Notification,
+    NotificationPrefs, Result, RoomInfo, StorageError, MAX_PAGE,
 };
 
 /// `[storage.scylla]`.
@@ -333,15 +333,16 @@ struct Migration {
     statements: &'static [&'static str],
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    statements: &[
-        "CREATE TABLE IF NOT EXISTS {ks}.channels (
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        statements: &[
+            "CREATE TABLE IF NOT EXISTS {ks}.channels (
             channel text PRIMARY KEY,
             epoch text,
             head_bucket bigint)",
-        "CREATE TABLE IF NOT EXISTS {ks}.messages (
+            "CREATE TABLE IF NOT EXISTS {ks}.messages (
             channel text,
             bucket bigint,
             msg_offset bigint,
@@ -351,30 +352,30 @@ const MIGRATIONS: &[Migration] = &[Migration {
             writer bigint,
             PRIMARY KEY ((channel, bucket), msg_offset))
           WITH CLUSTERING ORDER BY (msg_offset DESC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.client_ids (
+            "CREATE TABLE IF NOT EXISTS {ks}.client_ids (
             channel text,
             client_id text,
             msg_offset bigint,
             writer bigint,
             PRIMARY KEY ((channel, client_id)))",
-        "CREATE TABLE IF NOT EXISTS {ks}.rooms (
+            "CREATE TABLE IF NOT EXISTS {ks}.rooms (
             room_id text PRIMARY KEY,
             info blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.members (
+            "CREATE TABLE IF NOT EXISTS {ks}.members (
             room_id text,
             user_id text,
             member blob,
             PRIMARY KEY (room_id, user_id))",
-        "CREATE TABLE IF NOT EXISTS {ks}.user_rooms (
+            "CREATE TABLE IF NOT EXISTS {ks}.user_rooms (
             user_id text,
             room_id text,
             PRIMARY KEY (user_id, room_id))",
-        "CREATE TABLE IF NOT EXISTS {ks}.read_markers (
+            "CREATE TABLE IF NOT EXISTS {ks}.read_markers (
             channel text,
             user_id text,
             msg_offset bigint,
             PRIMARY KEY (channel, user_id))",
-        "CREATE TABLE IF NOT EXISTS {ks}.notifications (
+            "CREATE TABLE IF NOT EXISTS {ks}.notifications (
             user_id text,
             id bigint,
             body blob,
@@ -382,17 +383,37 @@ const MIGRATIONS: &[Migration] = &[Migration {
             expires_at bigint,
             PRIMARY KEY (user_id, id))
           WITH CLUSTERING ORDER BY (id DESC)",
-        "CREATE TABLE IF NOT EXISTS {ks}.notification_prefs (
+            "CREATE TABLE IF NOT EXISTS {ks}.notification_prefs (
             user_id text PRIMARY KEY,
             prefs blob)",
-        "CREATE TABLE IF NOT EXISTS {ks}.last_seen (
+            "CREATE TABLE IF NOT EXISTS {ks}.last_seen (
             user_id text PRIMARY KEY,
             seen_at bigint)",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "collaborative documents",
+        statements: &[
+            // One partition per document: its log since the last compaction
+            // (compaction deletes the prefix, so the partition stays small);
+            // `top`, the last seq, is what an append's condition checks.
+            "CREATE TABLE IF NOT EXISTS {ks}.doc_updates (
+            doc text,
+            seq bigint,
+            top bigint STATIC,
+            data blob,
+            PRIMARY KEY (doc, seq))",
+            "CREATE TABLE IF NOT EXISTS {ks}.doc_snapshots (
+            doc text PRIMARY KEY,
+            seq bigint,
+            data blob)",
+        ],
+    },
+];
 
 /// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// How long a migration lock lives if its holder dies without releasing it.
 const LOCK_TTL_SECS: i32 = 120;
@@ -675,6 +696,16 @@ struct Statements {
     prefs_get: PreparedStatement,
     seen_put: PreparedStatement,
     seen_get: PreparedStatement,
+    doc_top_serial: PreparedStatement,
+    doc_cas: PreparedStatement,
+    doc_updates_after: PreparedStatement,
+    doc_update_get_serial: PreparedStatement,
+    doc_snapshot_get: PreparedStatement,
+    doc_snapshot_insert: PreparedStatement,
+    doc_snapshot_advance: PreparedStatement,
+    doc_trim: PreparedStatement,
+    doc_drop_updates: PreparedStatement,
+    doc_drop_snapshot: PreparedStatement,
 }
 
 #[derive(Clone, Copy)]
@@ -899,6 +930,49 @@ impl Statements {
             )
             .await?,
             seen_get: prep(Kind::Read, "SELECT seen_at FROM {ks}.last_seen WHERE user_id = ?".into()).await?,
+            doc_top_serial: prep(
+                Kind::SerialRead,
+                "SELECT top FROM {ks}.doc_updates WHERE doc = ? LIMIT 1".into(),
+            )
+            .await?,
+            doc_cas: prep(
+                Kind::Lwt,
+                "UPDATE {ks}.doc_updates SET data = ?, top = ? WHERE doc = ? AND seq = ? IF top = ?"
+                    .into(),
+            )
+            .await?,
+            doc_updates_after: prep(
+                Kind::Read,
+                "SELECT seq, data FROM {ks}.doc_updates WHERE doc = ? AND seq > ?".into(),
+            )
+            .await?,
+            doc_update_get_serial: prep(
+                Kind::SerialRead,
+                "SELECT data FROM {ks}.doc_updates WHERE doc = ? AND seq = ?".into(),
+            )
+            .await?,
+            doc_snapshot_get: prep(
+                Kind::Read,
+                "SELECT seq, data FROM {ks}.doc_snapshots WHERE doc = ?".into(),
+            )
+            .await?,
+            doc_snapshot_insert: prep(
+                Kind::Lwt,
+                "INSERT INTO {ks}.doc_snapshots (doc, seq, data) VALUES (?, ?, ?) IF NOT EXISTS".into(),
+            )
+            .await?,
+            doc_snapshot_advance: prep(
+                Kind::Lwt,
+                "UPDATE {ks}.doc_snapshots SET seq = ?, data = ? WHERE doc = ? IF seq < ?".into(),
+            )
+            .await?,
+            doc_trim: prep(
+                Kind::Write,
+                "DELETE FROM {ks}.doc_updates WHERE doc = ? AND seq <= ?".into(),
+            )
+            .await?,
+            doc_drop_updates: prep(Kind::Write, "DELETE FROM {ks}.doc_updates WHERE doc = ?".into()).await?,
+            doc_drop_snapshot: prep(Kind::Write, "DELETE FROM {ks}.doc_snapshots WHERE doc = ?".into()).await?,
         })
     }
 }
@@ -2037,6 +2111,175 @@ impl crate::Store for ScyllaStore {
     async fn last_seen(&self, user: &str) -> Result<Option<Millis>> {
         let row: Option<(Option<i64>,)> = self.one(&self.st.seen_get, (user,)).await?;
         Ok(row.and_then(|(at,)| at))
+    }
+
+    async fn doc_load(&self, doc: &str) -> Result<Option<DocRecord>> {
+        let snapshot: Option<(Option<i64>, Option<Vec<u8>>)> =
+            self.one(&self.st.doc_snapshot_get, (doc,)).await?;
+        let (snapshot_seq, snapshot) = match snapshot {
+            Some((seq, data)) => (
+                to_u64(seq.unwrap_or(0), "seq")?,
+                Some(data.unwrap_or_default()),
+            ),
+            None => (0, None),
+        };
+        let mut updates = Vec::new();
+        let mut bad = None;
+        let after = to_i64(snapshot_seq, "seq")?;
+        self.scan(
+            &self.st.doc_updates_after,
+            &(doc, after),
+            |(seq, data): (Option<i64>, Option<Vec<u8>>)| {
+                // A partition trimmed to its static `top` has no rows to show.
+                let Some(seq) = seq else {
+                    return Ok(ControlFlow::Continue(()));
+                };
+                match to_u64(seq, "seq") {
+                    Ok(seq) => updates.push(DocUpdate {
+                        seq,
+                        data: data.unwrap_or_default(),
+                    }),
+                    Err(e) => {
+                        bad = Some(e);
+                        return Ok(ControlFlow::Break(()));
+                    }
+                }
+                Ok(ControlFlow::Continue(()))
+            },
+        )
+        .await?;
+        if let Some(e) = bad {
+            return Err(e);
+        }
+        if snapshot.is_none() && updates.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(DocRecord {
+            snapshot,
+            snapshot_seq,
+            updates,
+        }))
+    }
+
+    async fn doc_append(&self, doc: &str, updates: &[DocUpdate]) -> Result<()> {
+        let (Some(first), Some(last)) = (updates.first(), updates.last()) else {
+            return Ok(());
+        };
+        for (i, u) in updates.iter().enumerate() {
+            if u.seq != first.seq.saturating_add(i as u64) || u.seq == 0 {
+                return Err(StorageError::conflict(format!(
+                    "document {doc}: seqs must be consecutive from 1"
+                )));
+            }
+        }
+        let top = to_i64(last.seq, "seq")?;
+        // The first seq of a document (or after a delete) expects no `top`.
+        let expected = match first.seq {
+            1 => None,
+            s => Some(to_i64(s - 1, "seq")?),
+        };
+        let mut values = Vec::with_capacity(updates.len());
+        for u in updates {
+            values.push((u.data.as_slice(), top, doc, to_i64(u.seq, "seq")?, expected));
+        }
+        let _local = self.locks.lock(&format!("doc\0{doc}")).await;
+        let outcome = if values.len() == 1 {
+            self.exec_raw(&self.st.doc_cas, &values[0]).await?
+        } else {
+            // One partition: one Paxos round, atomic and isolated.
+            let parts = vec![&self.st.doc_cas; values.len()];
+            let batch = self.batch_of(BatchType::Unlogged, &parts);
+            self.batch_raw(&batch, &values).await?
+        };
+        let conflict = |top: Option<i64>| {
+            StorageError::conflict(format!(
+                "document {doc}: seq {} does not follow the head {}",
+                first.seq,
+                top.map_or("(none)".to_string(), |t| t.to_string())
+            ))
+        };
+        match outcome {
+            Ok(result) => {
+                let (applied, current) = lwt_applied(result)?;
+                if applied {
+                    Ok(())
+                } else {
+                    Err(conflict(bigint(&current, "top")))
+                }
+            }
+            Err(e) => {
+                // Unknown outcome: a SERIAL read completes any round in
+                // flight; our bytes at our first seq mean it was applied.
+                let seen: Option<(Option<Vec<u8>>,)> = match self
+                    .one(
+                        &self.st.doc_update_get_serial,
+                        (doc, to_i64(first.seq, "seq")?),
+                    )
+                    .await
+                {
+                    Ok(seen) => seen,
+                    Err(_) => return Err(exec_error(e)),
+                };
+                match seen {
+                    Some((Some(data),)) if data == first.data => Ok(()),
+                    Some(_) => Err(conflict(None)),
+                    None => Err(exec_error(e)),
+                }
+            }
+        }
+    }
+
+    async fn doc_compact(&self, doc: &str, upto: u64, snapshot: &[u8]) -> Result<()> {
+        let _local = self.locks.lock(&format!("doc\0{doc}")).await;
+        let top: Option<(Option<i64>,)> = self.one(&self.st.doc_top_serial, (doc,)).await?;
+        let current: Option<(Option<i64>, Option<Vec<u8>>)> =
+            self.one(&self.st.doc_snapshot_get, (doc,)).await?;
+        let snapshot_seq = current
+            .as_ref()
+            .map_or(Ok(0), |(s, _)| to_u64(s.unwrap_or(0), "seq"))?;
+        let head = match top {
+            Some((Some(t),)) => to_u64(t, "seq")?,
+            _ if current.is_some() => snapshot_seq,
+            _ => {
+                return Err(StorageError::not_found(format!(
+                    "document {doc} does not exist"
+                )))
+            }
+        };
+        if upto > head {
+            return Err(StorageError::conflict(format!(
+                "document {doc}: cannot compact up to {upto} past the head {head}"
+            )));
+        }
+        if upto <= snapshot_seq {
+            return Ok(());
+        }
+        let seq = to_i64(upto, "seq")?;
+        // The snapshot first, then the prefix it covers: a crash between the
+        // two leaves updates that a load skips (they are at or below `seq`).
+        let inserted = self
+            .exec(&self.st.doc_snapshot_insert, (doc, seq, snapshot))
+            .await
+            .and_then(lwt_applied)?
+            .0;
+        if !inserted {
+            // Only moves forward: a slower, older compaction never wins.
+            self.exec(&self.st.doc_snapshot_advance, (seq, snapshot, doc, seq))
+                .await?;
+        }
+        self.exec(&self.st.doc_trim, (doc, seq)).await?;
+        Ok(())
+    }
+
+    async fn doc_delete(&self, doc: &str) -> Result<bool> {
+        let _local = self.locks.lock(&format!("doc\0{doc}")).await;
+        let top: Option<(Option<i64>,)> = self.one(&self.st.doc_top_serial, (doc,)).await?;
+        let snap: Option<(Option<i64>, Option<Vec<u8>>)> =
+            self.one(&self.st.doc_snapshot_get, (doc,)).await?;
+        let existed = matches!(top, Some((Some(_),))) || snap.is_some();
+        self.exec(&self.st.doc_drop_updates, (doc,)).await?;
+        self.exec(&self.st.doc_drop_snapshot, (doc,)).await?;
+        Ok(existed)
     }
 
     async fn flush(&self) -> Result<()> {

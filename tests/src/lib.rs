@@ -31,6 +31,7 @@ pub const API_KEY: &str = "test-api-key-0123";
 
 pub mod cluster;
 pub mod store;
+pub mod ydoc;
 
 /// How often a test polls a query when there is no push to wait for.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -561,6 +562,23 @@ impl Client {
         match frame {
             ServerFrame::Reply(r) => self.replies.push(r),
             ServerFrame::Push(p) => self.pushes.push_back(p),
+            // Document frames carry bytes (MessagePack `bin`); tests read
+            // them as JSON, bytes as base64 strings, in either encoding.
+            ServerFrame::DocReply(r) => self.replies.push(chorus_protocol::Reply::ok(
+                r.id,
+                serde_json::to_value(&r.ok).expect("doc reply as JSON"),
+            )),
+            ServerFrame::DocPush(p) => self.pushes.push_back(Push {
+                push: serde_json::to_value(p.push)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                channel: Some(p.channel),
+                epoch: None,
+                offset: None,
+                ephemeral: p.ephemeral,
+                data: serde_json::to_value(&p.data).expect("doc push as JSON"),
+            }),
         }
         true
     }

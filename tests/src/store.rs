@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use chorus_protocol::{
     ChannelHead, Entry, Member, Millis, Notification, NotificationPrefs, RoomInfo,
 };
-use chorus_storage::{Result, Store};
+use chorus_storage::{DocRecord, DocUpdate, Result, Store};
 use tokio::sync::watch;
 
 pub struct HeldStore {
@@ -156,6 +156,18 @@ impl Store for HeldStore {
     }
     async fn last_seen(&self, user: &str) -> Result<Option<Millis>> {
         self.inner.last_seen(user).await
+    }
+    async fn doc_load(&self, doc: &str) -> Result<Option<DocRecord>> {
+        self.inner.doc_load(doc).await
+    }
+    async fn doc_append(&self, doc: &str, updates: &[DocUpdate]) -> Result<()> {
+        self.inner.doc_append(doc, updates).await
+    }
+    async fn doc_compact(&self, doc: &str, upto: u64, snapshot: &[u8]) -> Result<()> {
+        self.inner.doc_compact(doc, upto, snapshot).await
+    }
+    async fn doc_delete(&self, doc: &str) -> Result<bool> {
+        self.inner.doc_delete(doc).await
     }
     async fn flush(&self) -> Result<()> {
         self.inner.flush().await

@@ -158,7 +158,7 @@ pub type Position = (String, u64);
 /// One per node. See the module docs.
 #[derive(Actor)]
 pub struct Hub {
-    conns: HashMap<ConnId, ConnSink>,
+    pub(crate) conns: HashMap<ConnId, ConnSink>,
     /// The user of each connection.
     users: HashMap<ConnId, String>,
     channels: HashMap<String, Chan>,
@@ -168,13 +168,16 @@ pub struct Hub {
     awaited: HashMap<ConnId, HashMap<u64, NodeId>>,
     /// Those answered 5004 here for want of an answer in time: a late one is dropped.
     overdue: HashMap<ConnId, HashMap<u64, Instant>>,
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Set by [`CloseAll`]: a connection registering after it (its handshake
     /// raced the shutdown) is closed the same way at once.
     closing: Option<(u16, String)>,
     /// Woken when a subscriber lost its registration (it would have seen a
     /// gap): the node registers it again at the owner.
     reregister: Arc<Notify>,
+    /// Documents open on local connections (`doc:<name>`): [`crate::doc::fanout`].
+    pub(crate) docs: HashMap<String, crate::doc::fanout::DocChan>,
+    pub(crate) conn_docs: HashMap<ConnId, HashSet<String>>,
 }
 
 impl Hub {
@@ -189,10 +192,13 @@ impl Hub {
             metrics,
             closing: None,
             reregister,
+            docs: HashMap::new(),
+            conn_docs: HashMap::new(),
         }
     }
 
     fn drop_conn(&mut self, conn: ConnId) {
+        self.drop_conn_docs(conn);
         self.conns.remove(&conn);
         self.users.remove(&conn);
         self.awaited.remove(&conn);
@@ -213,7 +219,7 @@ impl Hub {
         }
     }
 
-    fn send(&mut self, conn: ConnId, frame: &Arc<SharedFrame>) -> bool {
+    pub(crate) fn send(&mut self, conn: ConnId, frame: &Arc<SharedFrame>) -> bool {
         let Some(sink) = self.conns.get(&conn) else {
             return false;
         };
@@ -426,16 +432,16 @@ impl Message<Deliver> for Hub {
 impl Message<SendTo> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: SendTo, _: &mut Context<Self, ()>) {
-        if let ServerFrame::Reply(r) = m.frame.frame() {
+        if let Some(id) = m.frame.frame().reply_id() {
             let awaited = self
                 .awaited
                 .get_mut(&m.conn)
-                .is_some_and(|ids| ids.remove(&r.id).is_some());
+                .is_some_and(|ids| ids.remove(&id).is_some());
             let late = !awaited
                 && self
                     .overdue
                     .get_mut(&m.conn)
-                    .is_some_and(|ids| ids.remove(&r.id).is_some());
+                    .is_some_and(|ids| ids.remove(&id).is_some());
             if late {
                 return;
             }
@@ -477,6 +483,7 @@ impl Message<ReplyDue> for Hub {
 impl Message<PeerGone> for Hub {
     type Reply = ();
     async fn handle(&mut self, m: PeerGone, _: &mut Context<Self, ()>) {
+        self.docs_owned_by_gone(&m.node);
         let mut gone = Vec::new();
         for (conn, ids) in &mut self.awaited {
             ids.retain(|id, node| {

@@ -38,6 +38,8 @@ pub enum ActorKind {
     Room,
     /// Users, keyed by user id.
     User,
+    /// Collaborative documents, keyed by document name.
+    Doc,
 }
 
 impl ActorKind {
@@ -46,6 +48,7 @@ impl ActorKind {
         match self {
             ActorKind::Room => key.to_string(),
             ActorKind::User => user_key(key),
+            ActorKind::Doc => format!("doc:{key}"),
         }
     }
 }

@@ -140,6 +140,9 @@ impl Services {
             for u in self.users.all() {
                 let _ = u.tell(gone.clone()).await;
             }
+            for d in self.docs.all() {
+                let _ = d.tell(crate::doc::DocNodeGone(gone.clone())).await;
+            }
         }
         for r in self.rooms.all() {
             let _ = r.tell(room::Refresh).await;
