@@ -215,8 +215,10 @@ async fn publish_members(
 }
 
 fn read_members(c: &chitchat::Chitchat) -> Vec<Member> {
-    // The newest generation of each node id wins: a restarted node's old
-    // incarnation is not a second member.
+    // One member per node id: a live incarnation over a dead one, then the
+    // newest generation (a restarted node's old incarnation is not a second
+    // member, and a dead one never hides a live one, even one whose start
+    // time is earlier because the clock stepped back).
     let mut by_id: BTreeMap<String, Member> = BTreeMap::new();
     let live: Vec<&ChitchatId> = c.live_nodes().collect();
     let dead: Vec<&ChitchatId> = c.dead_nodes().collect();
@@ -248,11 +250,105 @@ fn read_members(c: &chitchat::Chitchat) -> Vec<Member> {
         };
         match by_id.get(&id.node_id) {
             Some(m)
-                if (m.generation, m.state != MemberState::Down) >= (member.generation, alive) => {}
+                if (m.state != MemberState::Down, m.generation) >= (alive, member.generation) => {}
             _ => {
                 by_id.insert(id.node_id.clone(), member);
             }
         }
     }
     by_id.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::gossip::Faults;
+    use prometheus_client::metrics::counter::Counter;
+    use std::time::Instant;
+
+    const SECRET: &str = "0123456789abcdef0123";
+
+    async fn member(
+        id: &str,
+        generation: u64,
+        listen: SocketAddr,
+        seed: Option<SocketAddr>,
+    ) -> (Membership, SocketAddr) {
+        let config = ClusterConfig {
+            seeds: seed.map(|s| vec![s.to_string()]).unwrap_or_default(),
+            secret: SECRET.into(),
+            gossip_interval_ms: 100,
+            ..ClusterConfig::default()
+        };
+        let (udp, bound) =
+            SignedUdp::bind(listen, SECRET, Faults::default(), Counter::default()).unwrap();
+        let m = Membership::start(
+            &config,
+            SelfInfo {
+                id: NodeId::new(id),
+                generation,
+                gossip: bound,
+                peer_id: format!("peer-{id}"),
+                transport: String::new(),
+                http: String::new(),
+            },
+            udp,
+        )
+        .await
+        .unwrap();
+        m.set_state(MemberState::Up).await;
+        (m, bound)
+    }
+
+    async fn wait(m: &Membership, what: &str, ok: impl Fn(&[Member]) -> bool) -> Duration {
+        let start = Instant::now();
+        let mut rx = m.members();
+        let seen = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|v| ok(v)))
+            .await
+            .is_ok();
+        assert!(
+            seen,
+            "{what}: not within 30 s; members {:?}",
+            *m.members().borrow()
+        );
+        start.elapsed()
+    }
+
+    fn up(v: &[Member], id: &str, generation: u64) -> bool {
+        v.iter().any(|m| {
+            m.id == NodeId::new(id) && m.generation == generation && m.state == MemberState::Up
+        })
+    }
+
+    /// A restarted member (same id and address, a new generation) is seen
+    /// `up` again well before its dead incarnation is forgotten (60 s), also
+    /// restarted before it was seen down, and also with an earlier start
+    /// time than its last incarnation (a clock stepped back): a dead
+    /// incarnation never hides a live one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_member_is_seen_up_again() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (a, a_addr) = member("a", 10, any, None).await;
+        let (b, _) = member("b", 10, any, Some(a_addr)).await;
+        let (mut c, c_addr) = member("c", 10, any, Some(a_addr)).await;
+        for m in [&a, &b] {
+            wait(m, "c up", |v| up(v, "c", 10)).await;
+        }
+        for (generation, before_down) in [(20, true), (30, false), (25, true)] {
+            c.shutdown().await;
+            if !before_down {
+                wait(&a, "c down", |v| {
+                    v.iter()
+                        .any(|m| m.id == NodeId::new("c") && m.state == MemberState::Down)
+                })
+                .await;
+            }
+            let (c2, _) = member("c", generation, c_addr, Some(a_addr)).await;
+            for m in [&a, &b] {
+                let t = wait(m, "c back", |v| up(v, "c", generation)).await;
+                eprintln!("generation {generation}: seen up after {t:?}");
+            }
+            c = c2;
+        }
+    }
 }

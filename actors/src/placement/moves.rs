@@ -92,10 +92,17 @@ impl Services {
             }
             // A member that is down, or back with a new generation: its old
             // incarnation's connections (ids below the new generation) are gone.
-            let gone: HashMap<NodeId, Option<u64>> = known
+            let gone: HashMap<NodeId, NodeGone> = known
                 .iter()
                 .filter(|(id, generation)| now.get(*id) != Some(*generation))
-                .map(|(id, _)| (id.clone(), now.get(id).copied()))
+                .map(|(id, generation)| {
+                    let gone = NodeGone {
+                        node: id.clone(),
+                        below: now.get(id).copied().unwrap_or(u64::MAX),
+                        generation: *generation,
+                    };
+                    (id.clone(), gone)
+                })
                 .collect();
             for (id, g) in &known {
                 if !now.contains_key(id) {
@@ -114,13 +121,13 @@ impl Services {
         }
     }
 
-    async fn owners_changed(self: &Arc<Self>, gone: &HashMap<NodeId, Option<u64>>) {
+    async fn owners_changed(self: &Arc<Self>, gone: &HashMap<NodeId, NodeGone>) {
         let moved = self.hand_over_moved_keys();
         if moved > 0 {
             self.cluster.metrics.ownership_changes.inc_by(moved as u64);
             tracing::info!(moved, "actors handed over to their new owners");
         }
-        for (node, newer) in gone {
+        for (node, gone) in gone {
             if self.cluster.is_me(node) {
                 continue;
             }
@@ -130,10 +137,6 @@ impl Services {
             // Its rooms' registrations died with it, also if it came back
             // as a new incarnation that owns the same channels.
             let _ = self.hub.tell(OwnerGone { node: node.clone() }).await;
-            let gone = NodeGone {
-                node: node.clone(),
-                below: newer.unwrap_or(u64::MAX),
-            };
             for r in self.rooms.all() {
                 let _ = r.tell(gone.clone()).await;
             }
@@ -158,7 +161,7 @@ impl Services {
     async fn reconcile(
         self: &Arc<Self>,
         sent: &mut HashMap<(String, ConnId), Instant>,
-        gone: &HashMap<NodeId, Option<u64>>,
+        gone: &HashMap<NodeId, NodeGone>,
     ) {
         let Ok(regs) = self.hub.ask(Registrations { channel: None }).await else {
             return;
@@ -253,17 +256,23 @@ impl Services {
 }
 
 /// A member is down or restarted: the connections it had are gone. They
-/// are those of `node` with ids below `below` (a node numbers its
-/// connections from its generation, so a newer incarnation's are above).
+/// are those of `node` with ids below `below`, the new incarnation's
+/// generation (a node numbers its connections from its generation, a start
+/// time, so a newer incarnation's are above). Should the clock have stepped
+/// back across the restart (`below` under the gone incarnation's
+/// `generation`), the gone one's ids from its generation up are covered too.
 #[derive(Clone)]
 pub struct NodeGone {
     pub node: NodeId,
     pub below: u64,
+    pub generation: u64,
 }
 
 impl NodeGone {
     pub fn covers(&self, conn: &ConnAddr) -> bool {
-        conn.node == self.node && conn.conn < self.below
+        conn.node == self.node
+            && (conn.conn < self.below
+                || (self.below < self.generation && conn.conn >= self.generation))
     }
 }
 
@@ -274,4 +283,45 @@ fn generations(members: &Members) -> HashMap<NodeId, u64> {
         .filter(|m| m.state != MemberState::Down)
         .map(|m| (m.id.clone(), m.generation))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(node: &str, conn: u64) -> ConnAddr {
+        ConnAddr {
+            node: NodeId::new(node),
+            conn,
+        }
+    }
+
+    #[test]
+    fn a_gone_incarnation_covers_its_own_connections_only() {
+        // Restarted later: everything below the new generation.
+        let later = NodeGone {
+            node: NodeId::new("c"),
+            below: 2_000,
+            generation: 1_000,
+        };
+        assert!(later.covers(&conn("c", 1_000)) && later.covers(&conn("c", 1_999)));
+        assert!(!later.covers(&conn("c", 2_000)) && !later.covers(&conn("b", 1_000)));
+        // Down for good: all of them.
+        let down = NodeGone {
+            below: u64::MAX,
+            ..later.clone()
+        };
+        assert!(down.covers(&conn("c", 5_000)));
+        // Restarted with an earlier start time (the clock stepped back): the
+        // old incarnation's ids from its generation up, and the new one's
+        // below the old generation stay.
+        let back = NodeGone {
+            node: NodeId::new("c"),
+            below: 900,
+            generation: 1_000,
+        };
+        assert!(back.covers(&conn("c", 1_000)) && back.covers(&conn("c", 1_500)));
+        assert!(back.covers(&conn("c", 899)));
+        assert!(!back.covers(&conn("c", 900)) && !back.covers(&conn("c", 999)));
+    }
 }
