@@ -35,6 +35,10 @@ use crate::Fail;
 
 /// Longest activity line.
 const MAX_ACTIVITY: usize = 256;
+/// Ids tried for one notification before giving up with a retryable 5003:
+/// another owner of the same user (during a view change) takes ids of the
+/// same millisecond, and each retry moves past the one it took.
+const ID_ATTEMPTS: usize = 8;
 
 struct ConnState {
     last_active: Instant,
@@ -402,7 +406,7 @@ impl Message<Notify> for UserActor {
             Some(t) => Some(created_at.saturating_add(i64::try_from(t).unwrap_or(i64::MAX))),
             None => s.expires_at,
         };
-        let n = Notification {
+        let mut n = Notification {
             id: self.next_id(),
             user: self.user.clone(),
             kind: s.kind,
@@ -416,8 +420,28 @@ impl Message<Notify> for UserActor {
             expires_at,
             read: false,
         };
-        if let Err(e) = self.svc.store.put_notification(&n).await {
-            m.replier.send(&self.svc, Err(e.into())).await;
+        // An id another owner of this user took (two nodes briefly both
+        // owning it) is refused by the store: take the next one.
+        let mut stored = false;
+        for _ in 0..ID_ATTEMPTS {
+            match self.svc.store.put_notification(&n).await {
+                Ok(true) => {
+                    stored = true;
+                    break;
+                }
+                Ok(false) => n.id = self.next_id(),
+                Err(e) => {
+                    m.replier.send(&self.svc, Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        if !stored {
+            let busy = Fail::new(
+                ErrorCode::Conflict,
+                "no free notification id: another node is writing this user's inbox; retry",
+            );
+            m.replier.send(&self.svc, Err(busy)).await;
             return;
         }
         self.svc.metrics.notifications.inc();

@@ -53,6 +53,7 @@ macro_rules! conformance_tests {
             rooms_create_once => case_rooms_create_once,
             members_and_user_rooms => case_members_and_user_rooms,
             read_markers => case_read_markers,
+            notification_ids_taken_once => case_notification_ids_taken_once,
             notifications_newest_first_and_paging => case_notifications_newest_first_and_paging,
             notifications_unread_and_mark_read => case_notifications_unread_and_mark_read,
             notifications_expiry_and_purge => case_notifications_expiry_and_purge,
@@ -977,7 +978,7 @@ fn sorted_strings(mut v: Vec<String>) -> Vec<String> {
     v
 }
 
-/// A read marker per (channel, user), overwritten by the latest set.
+/// A read marker per (channel, user), moved forward by a set, never back.
 pub async fn case_read_markers(store: Arc<dyn Store>) {
     let ch = uniq("room");
     let longer = format!("{ch}1");
@@ -1002,6 +1003,11 @@ pub async fn case_read_markers(store: Arc<dyn Store>) {
         .expect("set_read_marker");
     store
         .set_read_marker(&ch, &alice, 9)
+        .await
+        .expect("set_read_marker");
+    // A lower offset (a second writer with a stale view) changes nothing.
+    store
+        .set_read_marker(&ch, &alice, 4)
         .await
         .expect("set_read_marker");
     store
@@ -1036,6 +1042,33 @@ pub async fn case_read_markers(store: Arc<dyn Store>) {
 
 /// An inbox lists newest first, pages with `before`, caps at `MAX_PAGE`, and
 /// holds only its own user's notifications.
+/// An id is stored once per user: a second notification with a taken id is
+/// refused (`false`) and writes nothing; the same id of another user is free.
+pub async fn case_notification_ids_taken_once(store: Arc<dyn Store>) {
+    let now = now_ms();
+    let (user, other) = (uniq(""), uniq(""));
+    let first = note(&user, 7);
+    assert!(store.put_notification(&first).await.expect("put"));
+    let second = Notification {
+        title: "another writer's".into(),
+        ..note(&user, 7)
+    };
+    assert!(!store.put_notification(&second).await.expect("put"));
+    assert!(store.put_notification(&note(&other, 7)).await.expect("put"));
+    let listed = store
+        .list_notifications(&user, None, 10, false, now)
+        .await
+        .expect("list");
+    assert_eq!(listed, vec![first]);
+    assert_eq!(
+        store
+            .unread_notifications(&user, now)
+            .await
+            .expect("unread"),
+        1
+    );
+}
+
 pub async fn case_notifications_newest_first_and_paging(store: Arc<dyn Store>) {
     let now = now_ms();
     let user = uniq("");

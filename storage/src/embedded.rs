@@ -933,7 +933,17 @@ impl Store for EmbeddedStore {
         check_name("channel", channel)?;
         check_name("user", user)?;
         let key = key2(channel, user.as_bytes());
+        let stripe = channel.to_string();
         self.write(move |db| {
+            // Read and write under the channel's stripe lock: a lower
+            // offset never replaces a higher one.
+            let _guard = db.lock(&stripe);
+            if let Some(stored) = db.ks.read_markers.get(&key).map_err(db_err)? {
+                if u64_value(&stored)? >= offset {
+                    // Durable once what is already written is.
+                    return Ok(((), db.commit(db.batch())?));
+                }
+            }
             let mut batch = db.batch();
             batch.insert(&db.ks.read_markers, key, offset.to_be_bytes());
             Ok(((), db.commit(batch)?))
@@ -974,19 +984,22 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn put_notification(&self, n: &Notification) -> Result<()> {
+    async fn put_notification(&self, n: &Notification) -> Result<bool> {
         check_name("user", &n.user)?;
         let key = key2(&n.user, &n.id.to_be_bytes());
         let value = encode(n)?;
         let expiry = n.expires_at.map(|at| expiry_key(at, &n.user, n.id));
         self.write(move |db| {
             let _guard = db.inbox.lock();
+            if db.ks.notifications.contains_key(&key).map_err(db_err)? {
+                return Ok((false, db.commit(db.batch())?));
+            }
             let mut batch = db.batch();
             batch.insert(&db.ks.notifications, key, value);
             if let Some(expiry) = expiry {
                 batch.insert(&db.ks.notif_expiry, expiry, EMPTY);
             }
-            Ok(((), db.commit(batch)?))
+            Ok((true, db.commit(batch)?))
         })
         .await
     }

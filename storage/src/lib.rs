@@ -113,15 +113,21 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- read markers ----
 
-    /// Stores the marker as given (callers keep it moving forward).
+    /// Moves the marker forward to `offset`; a lower offset than the stored
+    /// one changes nothing, whatever order two writers' calls land in (two
+    /// nodes that both believe they own the room).
     async fn set_read_marker(&self, channel: &str, user: &str, offset: u64) -> Result<()>;
     async fn read_marker(&self, channel: &str, user: &str) -> Result<Option<u64>>;
     async fn read_markers(&self, channel: &str) -> Result<Vec<(String, u64)>>;
 
     // ---- notifications ----
 
-    /// Stores a notification (its `expires_at`, if any, is enforced by the backend).
-    async fn put_notification(&self, n: &Notification) -> Result<()>;
+    /// Stores a notification if its id is free for its user (its
+    /// `expires_at`, if any, is enforced by the backend). Returns `false`,
+    /// writing nothing, when a notification with that id exists: two nodes
+    /// that both believe they own the user minted the same id, and the
+    /// caller takes another.
+    async fn put_notification(&self, n: &Notification) -> Result<bool>;
     /// Newest first, ids `< before` when given, unexpired at `now`.
     async fn list_notifications(
         &self,

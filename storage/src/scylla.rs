@@ -584,6 +584,12 @@ fn warn_if_newer(version: u32) -> u32 {
 
 /// `[applied]` of a lightweight transaction's result, and the row it returns
 /// (the current values of the columns in the condition when not applied).
+/// Read markers are written with timestamp `MARKER_TIMESTAMP_BASE + offset`:
+/// 2^52 µs is the year 2112, so every marker written this way outranks the
+/// wall-clock timestamps of markers written before, and the highest offset
+/// always wins (last-write-wins on the timestamp is a max register).
+const MARKER_TIMESTAMP_BASE: i64 = 1 << 52;
+
 fn lwt_applied(result: QueryResult) -> Result<(bool, HashMap<String, CqlValue>)> {
     let rows = result.into_rows_result().map_err(corrupt)?;
     let names: Vec<String> = rows
@@ -867,7 +873,9 @@ impl Statements {
             .await?,
             marker_set: prep(
                 Kind::Write,
-                "INSERT INTO {ks}.read_markers (channel, user_id, msg_offset) VALUES (?, ?, ?)".into(),
+                "INSERT INTO {ks}.read_markers (channel, user_id, msg_offset) VALUES (?, ?, ?) \
+                 USING TIMESTAMP ?"
+                    .into(),
             )
             .await?,
             marker_get: prep(
@@ -881,9 +889,9 @@ impl Statements {
             )
             .await?,
             notification_put: prep(
-                Kind::Write,
+                Kind::Lwt,
                 "INSERT INTO {ks}.notifications (user_id, id, body, is_read, expires_at) \
-                 VALUES (?, ?, ?, ?, ?) USING TTL ?"
+                 VALUES (?, ?, ?, ?, ?) IF NOT EXISTS USING TTL ?"
                     .into(),
             )
             .await?,
@@ -1940,12 +1948,16 @@ impl crate::Store for ScyllaStore {
     }
 
     async fn set_read_marker(&self, channel: &str, user: &str, offset: u64) -> Result<()> {
-        self.exec(
-            &self.st.marker_set,
-            (channel, user, to_i64(offset, "offset")?),
-        )
-        .await
-        .map(|_| ())
+        // The write timestamp is the offset (above any wall-clock one, which
+        // markers written before this rule carry): of two writers the higher
+        // offset wins in whatever order they land, with no read first.
+        let offset = to_i64(offset, "offset")?;
+        let timestamp = MARKER_TIMESTAMP_BASE
+            .checked_add(offset)
+            .ok_or_else(|| StorageError::internal("read marker offset too large"))?;
+        self.exec(&self.st.marker_set, (channel, user, offset, timestamp))
+            .await
+            .map(|_| ())
     }
 
     async fn read_marker(&self, channel: &str, user: &str) -> Result<Option<u64>> {
@@ -1971,7 +1983,7 @@ impl crate::Store for ScyllaStore {
         Ok(out)
     }
 
-    async fn put_notification(&self, n: &Notification) -> Result<()> {
+    async fn put_notification(&self, n: &Notification) -> Result<bool> {
         let body = encode(n)?;
         let values = (
             &n.user,
@@ -1982,9 +1994,8 @@ impl crate::Store for ScyllaStore {
             n.expires_at.map_or(MaybeUnset::Unset, MaybeUnset::Set),
             ttl_secs(n.expires_at, false),
         );
-        self.exec(&self.st.notification_put, values)
-            .await
-            .map(|_| ())
+        let result = self.exec(&self.st.notification_put, values).await?;
+        Ok(lwt_applied(result)?.0)
     }
 
     async fn list_notifications(

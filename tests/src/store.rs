@@ -116,7 +116,7 @@ impl Store for HeldStore {
     async fn read_markers(&self, channel: &str) -> Result<Vec<(String, u64)>> {
         self.inner.read_markers(channel).await
     }
-    async fn put_notification(&self, n: &Notification) -> Result<()> {
+    async fn put_notification(&self, n: &Notification) -> Result<bool> {
         self.inner.put_notification(n).await
     }
     async fn list_notifications(
