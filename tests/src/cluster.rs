@@ -12,6 +12,7 @@ use chorus_actors::placement::NodeId;
 use chorus_node::{Config, Deps};
 use chorus_storage::{Backend, Store};
 
+use crate::store::HeldStore;
 use crate::{eventually, test_config, test_dir, TestNode};
 
 /// The secret the sandbox's nodes share.
@@ -22,6 +23,8 @@ pub struct Sandbox {
     /// The in-memory transport of a partitionable sandbox.
     net: Option<MemoryNetwork>,
     faults: Vec<Faults>,
+    /// Each node's way to the store, which a partitionable sandbox can cut.
+    stores: Vec<Arc<HeldStore>>,
     /// The CQL keyspace the nodes share, or the embedded store they share.
     cql: Option<(String, String)>,
     shared: Option<Arc<dyn Store>>,
@@ -132,10 +135,11 @@ impl Sandbox {
         let mut shared: Option<Arc<dyn Store>> = None;
         let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
         let mut faults = Vec::with_capacity(n);
+        let mut stores = Vec::new();
         let mut seed = None;
         for i in 0..n {
             let (config, dir) = node_config(i, seed, cql);
-            let store = match (&cql, &shared) {
+            let mut store = match (&cql, &shared) {
                 (Some(_), _) => None,
                 (None, Some(s)) => Some(s.clone()),
                 (None, None) => {
@@ -144,6 +148,16 @@ impl Sandbox {
                     Some(s)
                 }
             };
+            if net.is_some() {
+                // Its own way to the store, which `cut_from_store` can cut.
+                let inner = match store {
+                    Some(s) => s,
+                    None => chorus_storage::open(&config.storage).await.expect("store"),
+                };
+                let held = HeldStore::new(inner);
+                stores.push(held.clone());
+                store = Some(held);
+            }
             let deps = Deps {
                 store,
                 transport: net.as_ref().map(|net| net.transport(&config.node.id)),
@@ -161,6 +175,7 @@ impl Sandbox {
             nodes,
             net,
             faults,
+            stores,
             cql: cql.map(|(a, k)| (a.to_string(), k.to_string())),
             shared,
         };
@@ -205,10 +220,20 @@ impl Sandbox {
         net.cut(&id(a), &id(b));
     }
 
-    /// Ends every partition.
+    /// Node `i` can no longer reach the store: every store call it makes
+    /// fails as unavailable (it is on the side of a partition without the
+    /// store's quorum). Only for a [`Sandbox::partitionable`] one.
+    pub fn cut_from_store(&self, i: usize) {
+        self.stores[i].cut();
+    }
+
+    /// Ends every partition, also from the store.
     pub fn heal(&self) {
         for f in &self.faults {
             f.heal();
+        }
+        for s in &self.stores {
+            s.reconnect();
         }
         if let Some(net) = &self.net {
             net.heal();

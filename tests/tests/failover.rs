@@ -410,3 +410,138 @@ async fn two_owners_during_a_partition_never_share_an_offset() {
         "every acknowledged message, once, in offset order"
     );
 }
+
+/// Node 2 is cut off from the others and from the store, as a node on the
+/// side of a partition without the store's quorum is. Its clients' writes
+/// fail with a retryable error, and none is acknowledged; the majority,
+/// which took over the room, goes on acknowledging. erin's only device is
+/// on node 2, so the majority sees her offline. Once the partition heals
+/// the nodes agree on one owner again, erin is online again, the write she
+/// retries with the same `client_id` is stored once, and every acknowledged
+/// message is in history once, in offset order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_without_the_store_acknowledges_nothing_and_converges_once_healed() {
+    let cluster = Sandbox::partitionable(3).await;
+    let room = cluster.key_owned_by(2, "room:island-");
+    let name = room.trim_start_matches("room:").to_string();
+    let mut alice = cluster.node(0).connect("alice", Encoding::Json).await;
+    alice
+        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .await;
+    alice.ok("room.join", json!({"room": name})).await;
+    let mut erin = cluster.node(2).connect("erin", Encoding::MsgPack).await;
+    erin.ok("room.join", json!({"room": name})).await;
+    let mut acked = vec![(
+        send_until_acked(&mut alice, &name, "before").await,
+        "before".to_string(),
+    )];
+
+    cluster.partition(2, 0);
+    cluster.partition(2, 1);
+    cluster.cut_from_store(2);
+    let view_len = |i: usize| {
+        cluster
+            .node(i)
+            .handle()
+            .services()
+            .cluster
+            .view()
+            .members()
+            .len()
+    };
+    eventually("both sides to see the split", || async {
+        (view_len(0) == 2 && view_len(1) == 2 && view_len(2) == 1).then_some(())
+    })
+    .await;
+
+    // The minority side acknowledges nothing: every try is a retryable error.
+    let island = json!({"room": name, "text": "from the island", "client_id": "island"});
+    for _ in 0..3 {
+        let e = erin
+            .request("room.send", island.clone())
+            .await
+            .expect_err("a write on the side without the store is not acknowledged");
+        assert!(e.code.retryable(), "a retryable error, got {e:?}");
+    }
+    // The majority does, and sees erin's only device gone with node 2.
+    for i in 0..3 {
+        let text = format!("majority-{i}");
+        acked.push((send_until_acked(&mut alice, &name, &text).await, text));
+    }
+    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
+    loop {
+        let q = alice.ok("presence.query", json!({"users": ["erin"]})).await;
+        if q["users"][0]["status"] == "offline" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "erin is {q}");
+        tokio::time::sleep(POLL).await;
+    }
+
+    cluster.heal();
+    cluster.wait_converged().await;
+    let owners: Vec<String> = (0..3)
+        .map(|i| {
+            let c = &cluster.node(i).handle().services().cluster;
+            c.owner(&room).as_str().to_string()
+        })
+        .collect();
+    assert!(
+        owners.iter().all(|o| *o == owners[0]),
+        "one owner: {owners:?}"
+    );
+    // erin's retry, with the same client_id, is stored once.
+    let offset = send_until_acked(&mut erin, &name, "island").await;
+    acked.push((offset, "island".to_string()));
+    let again = erin
+        .ok(
+            "room.send",
+            json!({"room": name, "text": "island", "client_id": "island"}),
+        )
+        .await;
+    assert_eq!(
+        (again["offset"].as_u64(), again["duplicate"].as_bool()),
+        (Some(offset), Some(true))
+    );
+    let deadline = tokio::time::Instant::now() + FAILOVER_BOUND;
+    loop {
+        let q = alice.ok("presence.query", json!({"users": ["erin"]})).await;
+        if q["users"][0]["status"] != "offline" && q["users"][0]["devices"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "erin is {q}");
+        tokio::time::sleep(POLL).await;
+    }
+
+    acked.sort();
+    let mut offsets: Vec<u64> = acked.iter().map(|(o, _)| *o).collect();
+    offsets.dedup();
+    assert_eq!(
+        offsets.len(),
+        acked.len(),
+        "no offset acknowledged twice: {acked:?}"
+    );
+    let mut reader = cluster.node(1).connect("carol", Encoding::Json).await;
+    let h = reader
+        .ok(
+            "history",
+            json!({"channel": room, "after": offsets[0] - 1, "limit": 100}),
+        )
+        .await;
+    let stored: Vec<(u64, String)> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        stored, acked,
+        "every acknowledged message, once, in offset order"
+    );
+}
