@@ -351,4 +351,45 @@ mod tests {
             c = c2;
         }
     }
+
+    /// Each member in turn leaves and comes back on a new gossip port with a
+    /// new generation, seeded by a survivor (a rolling restart): the others
+    /// see every new incarnation `up` well before the old ones are forgotten.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rolling_restart_on_new_ports_is_seen_by_all() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let ids = ["a", "b", "c"];
+        let (a, a_addr) = member("a", 10, any, None).await;
+        let (b, b_addr) = member("b", 10, any, Some(a_addr)).await;
+        let (c, c_addr) = member("c", 10, any, Some(a_addr)).await;
+        let mut nodes = vec![(a, a_addr, 10), (b, b_addr, 10), (c, c_addr, 10)];
+        for (m, _, _) in &nodes {
+            wait(m, "all up", |v| ids.iter().all(|id| up(v, id, 10))).await;
+        }
+        for round in 1..=2u64 {
+            for victim in 0..3 {
+                let (old, _, _) = nodes.remove(victim);
+                old.set_state(MemberState::Leaving).await;
+                old.shutdown().await;
+                let seed = nodes[0].1;
+                let generation = 10 + round * 10 + victim as u64;
+                let (m, addr) = member(ids[victim], generation, any, Some(seed)).await;
+                nodes.insert(victim, (m, addr, generation));
+                for (i, (m, _, _)) in nodes.iter().enumerate() {
+                    let all_up =
+                        |v: &[Member]| ids.iter().zip(&nodes).all(|(id, (_, _, g))| up(v, id, *g));
+                    let t = wait(
+                        m,
+                        &format!("{} sees all after restarting {}", ids[i], ids[victim]),
+                        all_up,
+                    )
+                    .await;
+                    eprintln!(
+                        "round {round}: {} restarted, {} saw all up after {t:?}",
+                        ids[victim], ids[i]
+                    );
+                }
+            }
+        }
+    }
 }
