@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chorus_actors::doc::state::DocState;
+use chorus_protocol::Encoding;
 use chorus_storage::embedded::{EmbeddedConfig, EmbeddedStore};
 use chorus_storage::{DocUpdate, Store};
 use chorus_tests::ydoc::{insert, local_edit, YClient};
 use chorus_tests::{eventually, test_dir, TestNode};
+use serde_json::json;
 use yrs::sync::{Message, SyncMessage};
 use yrs::{Doc, Text, WriteTxn};
 
@@ -20,7 +22,49 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Round trip: one editor's update until it is applied at every other editor.
+/// The baseline of the round trips, on the same kind of node: a chat
+/// message from one member until it is pushed to every other member of a
+/// room (the durable write and fan-out path documents share).
+async fn chat_round_trip(members: usize, rounds: usize) -> (Duration, Duration) {
+    let node = TestNode::start_with(test_dir(), |c| {
+        c.limits.rate_per_sec = 100_000;
+        c.limits.rate_burst = 100_000;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for i in 0..members {
+        let mut c = node.connect(&format!("m{i}"), Encoding::Json).await;
+        if i == 0 {
+            c.ok("room.create", json!({"room": "bench-rt", "kind": "public"}))
+                .await;
+        }
+        c.ok("room.join", json!({"room": "bench-rt"})).await;
+        c.ok("subscribe", json!({"channel": "room:bench-rt"})).await;
+        clients.push(c);
+    }
+    let mut lat = Vec::with_capacity(rounds * (members - 1));
+    for r in 0..rounds {
+        let from = r % members;
+        let text = format!("{r}");
+        let sent = Instant::now();
+        clients[from]
+            .ok("room.send", json!({"room": "bench-rt", "text": text}))
+            .await;
+        for (i, c) in clients.iter_mut().enumerate() {
+            if i == from {
+                continue;
+            }
+            c.push_where(|p| p.push == "entry" && p.data["text"] == text.as_str())
+                .await;
+            lat.push(sent.elapsed());
+        }
+    }
+    lat.sort_unstable();
+    (pct(&lat, 0.5), pct(&lat, 0.99))
+}
+
+/// Round trip: one editor's update until it is applied at every other
+/// editor, and the chat baseline in the same run.
 async fn round_trip(editors: usize, rounds: usize) {
     let node = TestNode::start_with(test_dir(), |c| {
         c.docs.updates_per_sec = 100_000;
@@ -57,11 +101,21 @@ async fn round_trip(editors: usize, rounds: usize) {
         }
     }
     lat.sort_unstable();
+    let (p50, p99) = (pct(&lat, 0.5), pct(&lat, 0.99));
+    drop(clients);
+    drop(node);
+    let (c50, c99) = chat_round_trip(editors, rounds).await;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "round trip, {editors} editors, {rounds} updates: p50 {:.2} ms, p99 {:.2} ms ({} samples)",
-        pct(&lat, 0.5).as_secs_f64() * 1e3,
-        pct(&lat, 0.99).as_secs_f64() * 1e3,
-        lat.len()
+        "round trip, {editors} editors, {rounds} updates: p50 {:.2} ms, p99 {:.2} ms ({} samples); \
+         chat baseline p50 {:.2} ms, p99 {:.2} ms; ratio p50 {:.2}x, p99 {:.2}x",
+        ms(p50),
+        ms(p99),
+        lat.len(),
+        ms(c50),
+        ms(c99),
+        ms(p50) / ms(c50),
+        ms(p99) / ms(c99)
     );
 }
 
