@@ -107,16 +107,20 @@ pub struct Node {
 
 impl Node {
     pub fn start(config: &Path, id: &str, seed: Option<&str>) -> Node {
-        let mut cmd = chorus();
-        cmd.args([
-            "start",
-            "--listen",
-            "127.0.0.1:0",
-            "--node-id",
-            id,
-            "--config",
-        ])
-        .arg(config);
+        Node::start_as(chorus(), config, id, "127.0.0.1:0", seed)
+    }
+
+    /// [`Node::start`] with `cmd` as the `chorus` command (e.g. run in a
+    /// network namespace, with environment overrides) and HTTP on `listen`.
+    pub fn start_as(
+        mut cmd: Command,
+        config: &Path,
+        id: &str,
+        listen: &str,
+        seed: Option<&str>,
+    ) -> Node {
+        cmd.args(["start", "--listen", listen, "--node-id", id, "--config"])
+            .arg(config);
         if let Some(s) = seed {
             cmd.args(["--seed", s]);
         }
@@ -148,7 +152,7 @@ impl Node {
         let addr = line
             .trim()
             .strip_prefix("listening on ")
-            .expect("listening line")
+            .unwrap_or_else(|| panic!("{id} printed {line:?}, not its address"))
             .to_string();
         Node { child, addr }
     }
