@@ -160,12 +160,11 @@ impl YClient {
 
 /// Applies `f` to `doc` and returns the update it made.
 pub fn local_edit(doc: &Doc, f: impl FnOnce(&mut yrs::TransactionMut)) -> Vec<u8> {
-    let before = doc.transact().state_vector();
-    {
-        let mut txn = doc.transact_mut();
-        f(&mut txn);
-    }
-    doc.transact().encode_state_as_update_v1(&before)
+    // The transaction's own update, as a Yjs client sends it (its `update`
+    // event): only what it inserted and deleted, not the whole delete set.
+    let mut txn = doc.transact_mut();
+    f(&mut txn);
+    txn.encode_update_v1()
 }
 
 pub fn insert(text: &'static str) -> impl FnOnce(&mut yrs::TransactionMut) {
