@@ -582,14 +582,14 @@ fn warn_if_newer(version: u32) -> u32 {
     version
 }
 
-/// `[applied]` of a lightweight transaction's result, and the row it returns
-/// (the current values of the columns in the condition when not applied).
 /// Read markers are written with timestamp `MARKER_TIMESTAMP_BASE + offset`:
 /// 2^52 µs is the year 2112, so every marker written this way outranks the
 /// wall-clock timestamps of markers written before, and the highest offset
 /// always wins (last-write-wins on the timestamp is a max register).
 const MARKER_TIMESTAMP_BASE: i64 = 1 << 52;
 
+/// `[applied]` of a lightweight transaction's result, and the row it returns
+/// (the current values of the columns in the condition when not applied).
 fn lwt_applied(result: QueryResult) -> Result<(bool, HashMap<String, CqlValue>)> {
     let rows = result.into_rows_result().map_err(corrupt)?;
     let names: Vec<String> = rows
