@@ -107,6 +107,28 @@ async fn send_until_acked(client: &mut Client, room: &str, text: &str) -> u64 {
     }
 }
 
+/// The (offset, text) of every message stored in `channel` after `after`.
+async fn stored_messages(reader: &mut Client, channel: &str, after: u64) -> Vec<(u64, String)> {
+    let h = reader
+        .ok(
+            "history",
+            json!({"channel": channel, "after": after, "limit": 100}),
+        )
+        .await;
+    h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "message")
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Failure detection plus a request timeout, with room to spare on a loaded machine.
 const FAILOVER_BOUND: Duration = Duration::from_secs(30);
 
@@ -387,24 +409,7 @@ async fn two_owners_during_a_partition_never_share_an_offset() {
     }
     acked.sort();
     let mut reader = cluster.node(1).connect("carol", Encoding::Json).await;
-    let h = reader
-        .ok(
-            "history",
-            json!({"channel": room, "after": offsets[0] - 1, "limit": 100}),
-        )
-        .await;
-    let stored: Vec<(u64, String)> = h["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "message")
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap(),
-                e["text"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let stored = stored_messages(&mut reader, &room, offsets[0] - 1).await;
     assert_eq!(
         stored, acked,
         "every acknowledged message, once, in offset order"
@@ -522,24 +527,7 @@ async fn a_minority_without_the_store_acknowledges_nothing_and_converges_once_he
         "no offset acknowledged twice: {acked:?}"
     );
     let mut reader = cluster.node(1).connect("carol", Encoding::Json).await;
-    let h = reader
-        .ok(
-            "history",
-            json!({"channel": room, "after": offsets[0] - 1, "limit": 100}),
-        )
-        .await;
-    let stored: Vec<(u64, String)> = h["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "message")
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap(),
-                e["text"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let stored = stored_messages(&mut reader, &room, offsets[0] - 1).await;
     assert_eq!(
         stored, acked,
         "every acknowledged message, once, in offset order"
