@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chorus_protocol::ops::{Published, Subscribed};
-use chorus_protocol::{now_ms, ChannelHead, Entry, EntryKind, Push, ServerFrame, SharedFrame};
+use chorus_protocol::{
+    now_ms, ChannelHead, Entry, EntryKind, ErrorCode, Push, ServerFrame, SharedFrame,
+};
 use chorus_storage::{client_key, StorageError};
 use kameo::actor::WeakActorRef;
 use kameo::message::Message;
@@ -422,9 +424,40 @@ impl<T: Send + 'static> ChannelLog<T> {
             return false;
         }
         let to = stored.offset;
+        tracing::info!(channel = %self.key, from = ?self.head.as_ref().map(|h| h.offset), to, "caught up with entries another owner stored");
         self.head = Some(stored);
         self.push_stored(to).await;
         true
+    }
+
+    /// The head to answer a subscriber that already has `offset` from:
+    /// `head`, or the stored head when the subscriber is ahead of it. A
+    /// subscriber can only have an offset that was stored, so being ahead
+    /// means another owner wrote while this one was active (views disagreed
+    /// after a restart or a join, and nothing told this actor since): it
+    /// reloads the head and pushes what it missed to its subscribers
+    /// ([`ChannelLog::adopt`]) instead of refusing a valid offset.
+    async fn reload_if_behind(
+        &mut self,
+        head: ChannelHead,
+        offset: u64,
+    ) -> Result<ChannelHead, Fail> {
+        if offset <= head.offset {
+            return Ok(head);
+        }
+        if self.is_writing() {
+            // The head cannot move under a batch being numbered; the write's
+            // result reloads it (the conditional append refuses a stale one).
+            return Err(Fail::new(
+                ErrorCode::Conflict,
+                "another owner wrote here; the room is catching up, retry",
+            ));
+        }
+        let Some(stored) = self.svc.store.channel_head(&self.key).await? else {
+            return Ok(head);
+        };
+        self.adopt(stored).await;
+        Ok(self.head.clone().unwrap_or(head))
     }
 
     /// Pushes the stored entries after the last one pushed, up to `to`.
@@ -553,7 +586,10 @@ impl<T: Send + 'static> ChannelLog<T> {
         from: Option<(u64, Option<String>)>,
         id: u64,
     ) -> Result<(), Fail> {
-        let head = self.ensure().await?;
+        let mut head = self.ensure().await?;
+        if let Some((offset, _)) = &from {
+            head = self.reload_if_behind(head, *offset).await?;
+        }
         let res = self.catch_up(&head, from).await?;
         Replier::Conn {
             conn: conn.clone(),
@@ -579,7 +615,10 @@ impl<T: Send + 'static> ChannelLog<T> {
         conns: Vec<(ConnId, String)>,
         after: Option<Position>,
     ) -> Result<Result<(), &'static str>, Fail> {
-        let head = self.ensure().await?;
+        let mut head = self.ensure().await?;
+        if let Some((_, offset)) = &after {
+            head = self.reload_if_behind(head, *offset).await?;
+        }
         tracing::debug!(channel = %self.key, %node, ?after, head = head.offset, fanned = self.fanned, "taking over subscribers");
         if let Some((epoch, offset)) = after {
             if epoch != head.epoch {

@@ -266,7 +266,7 @@ wire! {
     room tell: [
         Create + replier, Join + replier, Leave + replier, Invite + replier,
         Kick + replier, Publish + replier, Edit + replier, Read + replier,
-        Unsubscribe, Resubscribe
+        Unsubscribe, Resubscribe, Refresh
     ],
     room subscribe: [Subscribe],
     room ask: [Members, Authorize, Typing, Summary],

@@ -172,13 +172,8 @@ async fn nodes_killed_and_restarted_lose_nothing_and_subscribers_stay_gap_free()
 }
 
 /// Each node in turn gets SIGTERM and is restarted (`CHORUS_ROLLING_ROUNDS`
-/// rounds, default 1). Not in the default run: in one run of about seven a
-/// resubscribe (offset 10) was answered `offset_ahead` with head 5 by a room
-/// whose owner held a stale head after ownership moved away and back (the
-/// subscribe path trusts the cached head; `actors/src/log.rs`). Run it with
-/// `-- --ignored`.
+/// rounds, default 1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a stale room head can refuse a resubscribe after a rolling restart; run with --ignored"]
 async fn a_rolling_restart_loses_nothing_and_subscribers_stay_gap_free() {
     run(Mode::Rolling).await;
 }

@@ -416,6 +416,77 @@ async fn two_owners_during_a_partition_never_share_an_offset() {
     );
 }
 
+/// An owner that stayed active while another node wrote to its room (views
+/// disagreed: here a partition; in a rolling restart, a restarted owner
+/// that activated before the others saw it up) resumes a subscriber who
+/// is ahead of the head it knows: it reloads the head from the store
+/// instead of refusing a stored offset as `offset_ahead`, and pushes what
+/// it missed to the subscribers it has. Once the views agree again, the
+/// writes go on after what both sides stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_behind_another_writer_resumes_a_subscriber_ahead_of_it() {
+    let cluster = Sandbox::partitionable(3).await;
+    let room = cluster.key_owned_by(2, "room:behind-");
+    let name = room.trim_start_matches("room:").to_string();
+    let mut alice = cluster.node(0).connect("alice", Encoding::Json).await;
+    alice
+        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .await;
+    alice.ok("room.join", json!({"room": name})).await;
+    let first = send_until_acked(&mut alice, &name, "before").await;
+    // carol's subscription keeps node 2's room active, at that head.
+    let mut carol = cluster.node(2).connect("carol", Encoding::Json).await;
+    let s = carol.ok("subscribe", json!({"channel": room})).await;
+    let epoch = s["epoch"].as_str().unwrap().to_string();
+    assert_eq!(s["offset"].as_u64(), Some(first));
+
+    cluster.partition(2, 0);
+    cluster.partition(2, 1);
+    eventually("node 0 to own the room without node 2", || async {
+        let owner = cluster.node(0).handle().services().cluster.owner(&room);
+        (owner.as_str() != "node-2").then_some(())
+    })
+    .await;
+    let mut last = first;
+    for i in 0..3 {
+        last = send_until_acked(&mut alice, &name, &format!("majority-{i}")).await;
+    }
+    assert!(last > first + 2, "three more acknowledged: {first}..{last}");
+
+    // dave got those entries on the majority side; his device moves to
+    // node 2, which still owns the room in its view and never wrote them.
+    let mut dave = cluster.node(2).connect("dave", Encoding::MsgPack).await;
+    let s = dave
+        .ok(
+            "subscribe",
+            json!({"channel": room, "offset": last - 1, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(s["recovered"], true, "resumed, not refused: {s}");
+    assert_eq!(s["offset"].as_u64(), Some(last), "{s}");
+    let missed: Vec<u64> = s["missed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(missed, vec![last], "{s}");
+    // carol, subscribed at node 2 all along, gets what the other side stored.
+    let got = entries_up_to(&mut carol, &room, last).await;
+    assert_eq!(got, ((first + 1)..=last).collect::<Vec<u64>>());
+
+    cluster.heal();
+    cluster.wait_converged().await;
+    let next = send_until_acked(&mut alice, &name, "healed").await;
+    assert_eq!(next, last + 1, "numbered after what both sides stored");
+    let stored = stored_messages(&mut alice, &room, first - 1).await;
+    let texts: Vec<&str> = stored.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["before", "majority-0", "majority-1", "majority-2", "healed"]
+    );
+}
+
 /// Node 2 is cut off from the others and from the store, as a node on the
 /// side of a partition without the store's quorum is. Its clients' writes
 /// fail with a retryable error, and none is acknowledged; the majority,

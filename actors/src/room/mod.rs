@@ -124,6 +124,7 @@ impl Actor for RoomActor {
             self.on_committed(committed).await;
         }
         self.release_subscribers().await;
+        self.refresh_new_owner().await;
         self.svc.metrics.active_rooms.dec();
         Ok(())
     }
@@ -410,7 +411,12 @@ impl RoomActor {
         id: u64,
     ) -> Result<(), Fail> {
         self.ensure_channel().await?;
-        self.log.subscribe(user, conn, from, id).await
+        let before = self.log.head().map(|h| h.offset);
+        let subscribed = self.log.subscribe(user, conn, from, id).await;
+        if self.log.head().map(|h| h.offset) != before {
+            self.reload_members().await;
+        }
+        subscribed
     }
 }
 

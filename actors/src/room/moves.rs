@@ -40,7 +40,12 @@ impl Message<Resubscribe> for RoomActor {
             return;
         }
         let conns: Vec<ConnId> = allowed.iter().map(|(c, _)| *c).collect();
-        let reason = match self.log.resubscribe(&m.node, allowed, m.after).await {
+        let before = self.log.head().map(|h| h.offset);
+        let resubscribed = self.log.resubscribe(&m.node, allowed, m.after).await;
+        if self.log.head().map(|h| h.offset) != before {
+            self.reload_members().await;
+        }
+        let reason = match resubscribed {
             Ok(Ok(())) => return,
             Ok(Err(reason)) => reason,
             Err(f) => {
@@ -75,6 +80,11 @@ impl Message<NodeGone> for RoomActor {
 
 /// Owners changed: another node may have written here meanwhile (views
 /// disagreed, or a partition healed). Reload the head and the membership.
+/// Sent by this node on every change of owners, and by a previous owner
+/// when its actor stops after handing the key over: the new owner may have
+/// activated while the old one still wrote (views disagree for a while
+/// after a restart or a join), and nothing else tells it.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Refresh;
 
 impl Message<Refresh> for RoomActor {
@@ -92,10 +102,19 @@ impl Message<Refresh> for RoomActor {
                 return;
             }
         };
-        if !self.log.adopt(head).await || self.channel.kind != ChannelKind::Room {
+        if self.log.adopt(head).await {
+            self.reload_members().await;
+        }
+    }
+}
+
+impl RoomActor {
+    /// Entries another writer stored may have changed the membership:
+    /// reloads it after the head moved to what they stored.
+    pub(super) async fn reload_members(&mut self) {
+        if self.channel.kind != ChannelKind::Room {
             return;
         }
-        // Entries another writer stored may have changed the membership.
         let name = self.channel.name.clone();
         match self.svc.store.members(&name).await {
             Ok(members) => {
@@ -104,9 +123,26 @@ impl Message<Refresh> for RoomActor {
             Err(e) => tracing::warn!(channel = %self.key, error = %e, "reloading members failed"),
         }
     }
-}
 
-impl RoomActor {
+    /// Tells the key's owner, when it is another node, to reload what this
+    /// actor wrote (if its actor is already running there).
+    pub(super) async fn refresh_new_owner(&self) {
+        let owner = self
+            .svc
+            .cluster
+            .owner(&ActorKind::Room.placement_key(&self.key));
+        if self.svc.cluster.is_me(&owner) {
+            return;
+        }
+        if let Err(f) = self
+            .svc
+            .tell_if_active::<RoomActor, _>(&self.key, Refresh)
+            .await
+        {
+            tracing::debug!(channel = %self.key, %owner, error = %f, "telling the new owner to refresh failed");
+        }
+    }
+
     /// Tells every node with subscribers here that this actor stopped.
     pub(super) async fn release_subscribers(&self) {
         let msg = PeerMsg::OwnerStopped {
