@@ -332,13 +332,7 @@ impl ConnActor {
                         "name longer than 256 bytes",
                     )));
                 }
-                let info = RoomInfo {
-                    id: room_id,
-                    kind: a.kind,
-                    name: a.name,
-                    created_by: me,
-                    created_at: now_ms(),
-                };
+                let info = RoomInfo::new(room_id, a.kind, a.name, me, a.membership_entries);
                 let msg = room::Create {
                     info,
                     members: a.members,
@@ -358,13 +352,7 @@ impl ConnActor {
                     Ok(k) => k,
                     Err(f) => return Some(Err(f)),
                 };
-                let info = RoomInfo {
-                    id: room_id,
-                    kind: RoomKind::Direct,
-                    name: None,
-                    created_by: me,
-                    created_at: now_ms(),
-                };
+                let info = RoomInfo::new(room_id, RoomKind::Direct, None, me, None);
                 let msg = room::Create {
                     info,
                     members: vec![a.user],

@@ -232,6 +232,7 @@ fn handle(
                 name: None,
                 created_by: user.to_string(),
                 created_at: chorus_protocol::now_ms(),
+                membership_entries: None,
             };
             ok(serde_json::to_value(info).unwrap_or(Value::Null))
         }

@@ -14,7 +14,7 @@ use chorus_actors::services::Replier;
 use chorus_actors::user::{Notify, NotifySpec};
 use chorus_actors::Fail;
 use chorus_protocol::{
-    now_ms, valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Priority, RoomInfo, RoomKind,
+    valid_id, Channel, EntryKind, ErrorBody, ErrorCode, Priority, RoomInfo, RoomKind,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -267,6 +267,10 @@ struct CreateRoom {
     #[serde(default)]
     #[schema(value_type = Vec<openapi::Id>)]
     members: Vec<String>,
+    /// Record joins and leaves as `joined` / `left` entries pushed to every
+    /// subscriber (default: true, false for public rooms).
+    #[serde(default)]
+    membership_entries: Option<bool>,
 }
 
 async fn create_room(
@@ -299,13 +303,13 @@ async fn create_room(
         (_, None) => format!("r{}", chorus_actors::room::new_epoch()),
     };
     check_id("room", &id)?;
-    let info = RoomInfo {
-        id: id.clone(),
-        kind: b.kind,
-        name: b.name,
-        created_by: b.created_by,
-        created_at: now_ms(),
-    };
+    let info = RoomInfo::new(
+        id.clone(),
+        b.kind,
+        b.name,
+        b.created_by,
+        b.membership_entries,
+    );
     let (replier, rx) = Replier::waiter();
     state
         .services

@@ -175,6 +175,9 @@ struct RoomInfo {
     created_by: String,
     /// Milliseconds since the Unix epoch.
     created_at: i64,
+    /// Whether joins and leaves are `joined` / `left` entries (absent for
+    /// rooms created before the setting: true, false for public rooms).
+    membership_entries: Option<bool>,
 }
 
 #[derive(ToSchema)]

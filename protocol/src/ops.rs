@@ -31,6 +31,9 @@ pub struct RoomCreate {
     /// Other users to add at once.
     #[serde(default)]
     pub members: Vec<String>,
+    /// Record joins and leaves as entries (default: not for public rooms).
+    #[serde(default)]
+    pub membership_entries: Option<bool>,
 }
 
 /// `room.direct`: the one direct room between the caller and `user`.

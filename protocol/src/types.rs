@@ -200,6 +200,40 @@ pub struct RoomInfo {
     pub name: Option<String>,
     pub created_by: String,
     pub created_at: Millis,
+    /// Whether joins and leaves are entries of the room (`joined` / `left`,
+    /// pushed to every subscriber). Absent in rooms stored before the
+    /// setting existed: the kind's default ([`RoomInfo::records_membership`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership_entries: Option<bool>,
+}
+
+impl RoomInfo {
+    /// A room created now; `membership_entries` defaults by kind.
+    pub fn new(
+        id: String,
+        kind: RoomKind,
+        name: Option<String>,
+        created_by: String,
+        membership_entries: Option<bool>,
+    ) -> RoomInfo {
+        RoomInfo {
+            id,
+            kind,
+            name,
+            created_by,
+            created_at: now_ms(),
+            membership_entries: Some(membership_entries.unwrap_or(kind != RoomKind::Public)),
+        }
+    }
+
+    /// Are joins and leaves stored as entries? Off by default for public
+    /// rooms: there every join would be pushed to every subscriber, so a
+    /// room joined by n viewers would cost n² pushes. A kick is always an
+    /// entry (the removed user is told, and history shows it).
+    pub fn records_membership(&self) -> bool {
+        self.membership_entries
+            .unwrap_or(self.kind != RoomKind::Public)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +354,37 @@ mod tests {
         assert_eq!(Channel::parse("chat:1"), None);
         assert_eq!(Channel::parse("room:a b"), None);
         assert_eq!(Channel::room("x").key(), "room:x");
+    }
+
+    #[test]
+    fn rooms_stored_before_the_setting_keep_the_default_of_their_kind() {
+        #[derive(Serialize)]
+        struct OldRoom<'a> {
+            id: &'a str,
+            kind: RoomKind,
+            created_by: &'a str,
+            created_at: Millis,
+        }
+        for (kind, records) in [
+            (RoomKind::Public, false),
+            (RoomKind::Group, true),
+            (RoomKind::Direct, true),
+        ] {
+            let old = OldRoom {
+                id: "r",
+                kind,
+                created_by: "ann",
+                created_at: 1,
+            };
+            let bytes = rmp_serde::to_vec_named(&old).unwrap();
+            let room: RoomInfo = rmp_serde::from_slice(&bytes).unwrap();
+            assert_eq!(room.membership_entries, None);
+            assert_eq!(room.records_membership(), records, "{kind:?}");
+            let new = RoomInfo::new("r".into(), kind, None, "ann".into(), None);
+            assert_eq!(new.membership_entries, Some(records));
+            let chosen = RoomInfo::new("r".into(), kind, None, "ann".into(), Some(!records));
+            assert_eq!(chosen.records_membership(), !records);
+        }
     }
 
     #[test]

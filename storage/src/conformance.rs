@@ -821,6 +821,8 @@ pub async fn case_rooms_create_once(store: Arc<dyn Store>) {
         name: Some("first".into()),
         created_by: "alice".into(),
         created_at: 1_700_000_000_000,
+        // Stored and read back as set.
+        membership_entries: Some(false),
     };
     assert_eq!(store.get_room(&id).await.expect("get_room"), None);
     assert!(store.create_room(&room).await.expect("create_room"));
@@ -842,6 +844,7 @@ pub async fn case_rooms_create_once(store: Arc<dyn Store>) {
             name: None,
             created_by: format!("user{w}"),
             created_at: w,
+            membership_entries: None,
         };
         tasks.push(tokio::spawn(async move {
             let created = store.create_room(&room).await.expect("create_room");

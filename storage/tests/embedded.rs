@@ -68,6 +68,7 @@ async fn reopen_after_drop_keeps_acknowledged_writes() {
         name: Some("Durable".into()),
         created_by: "alice".into(),
         created_at: 1,
+        membership_entries: None,
     };
     let member = Member {
         user: "alice".into(),
@@ -206,6 +207,7 @@ async fn every_write_waits_for_an_fsync() {
         name: None,
         created_by: "alice".into(),
         created_at: 1,
+        membership_entries: None,
     };
     let member = Member {
         user: "alice".into(),

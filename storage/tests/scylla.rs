@@ -691,6 +691,7 @@ async fn reconnect_keeps_history() {
         name: Some("Durable".into()),
         created_by: "alice".into(),
         created_at: 1,
+        membership_entries: None,
     };
     let member = Member {
         user: "alice".into(),

@@ -36,7 +36,10 @@ async fn resubscribe_gets_exactly_the_missed_entries_then_live_ones(enc: Encodin
     let node = TestNode::start().await;
     let mut alice = node.connect("alice", enc).await;
     alice
-        .ok("room.create", json!({"room": "c", "kind": "public"}))
+        .ok(
+            "room.create",
+            json!({"room": "c", "kind": "public", "membership_entries": true}),
+        )
         .await;
     let mut bob = node.connect("bob", other(enc)).await;
     let j = bob.ok("room.join", json!({"room": "c"})).await;
@@ -120,7 +123,10 @@ async fn resubscribe_while_the_room_is_written_to(enc: Encoding) {
     let node = TestNode::start().await;
     let mut alice = node.connect("alice", enc).await;
     let created = alice
-        .ok("room.create", json!({"room": "busy", "kind": "public"}))
+        .ok(
+            "room.create",
+            json!({"room": "busy", "kind": "public", "membership_entries": true}),
+        )
         .await;
     assert_eq!(created["id"], "busy");
     let j = alice.ok("room.join", json!({"room": "busy"})).await;
@@ -193,7 +199,10 @@ async fn unrecoverable_resubscribes_say_why(enc: Encoding) {
     let node = TestNode::start_with(chorus_tests::test_dir(), |c| c.limits.max_catchup = 5).await;
     let mut alice = node.connect("alice", enc).await;
     alice
-        .ok("room.create", json!({"room": "w", "kind": "public"}))
+        .ok(
+            "room.create",
+            json!({"room": "w", "kind": "public", "membership_entries": true}),
+        )
         .await;
     let j = alice.ok("room.join", json!({"room": "w"})).await;
     let epoch = j["epoch"].as_str().unwrap().to_string();

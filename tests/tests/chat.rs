@@ -21,6 +21,7 @@ both_encodings!(
     server_api_manages_rooms,
     direct_room_ids_cannot_be_squatted,
     a_leave_is_readable_when_it_is_answered,
+    membership_entries_are_a_per_room_choice,
 );
 
 const NOT_MEMBER: u16 = 3003;
@@ -367,12 +368,13 @@ async fn public_rooms(enc: Encoding) {
     let mut bob = node.connect("bob", other(enc)).await;
     let mut dave = node.connect("dave", enc).await;
 
-    alice
+    let created = alice
         .ok(
             "room.create",
             json!({"room": "lobby", "kind": "public", "name": "Lobby"}),
         )
         .await;
+    assert_eq!(created["membership_entries"], false, "{created}");
     // Anyone may read a public room, but only members post.
     assert_eq!(
         bob.err("room.send", json!({"room": "lobby", "text": "hi"}))
@@ -382,10 +384,10 @@ async fn public_rooms(enc: Encoding) {
     let j = bob.ok("room.join", json!({"room": "lobby"})).await;
     assert_eq!(j["channel"], "room:lobby");
     let o = send(&mut bob, "lobby", "hello lobby").await;
-    assert_eq!(o, 3, "alice joined at 1, bob at 2");
+    assert_eq!(o, 1, "joins of a public room are not entries");
     let h = dave.ok("history", json!({"channel": "room:lobby"})).await;
-    assert_eq!(offsets(&h), vec![1, 2, 3]);
-    assert_eq!(h["entries"][2]["text"], "hello lobby");
+    assert_eq!(offsets(&h), vec![1]);
+    assert_eq!(h["entries"][0]["text"], "hello lobby");
     // A reader who is not a member can follow it live, too.
     dave.ok("subscribe", json!({"channel": "room:lobby"})).await;
     let o = send(&mut bob, "lobby", "second").await;
@@ -412,8 +414,7 @@ async fn public_rooms(enc: Encoding) {
         NOT_MEMBER
     );
     let h = alice.ok("history", json!({"channel": "room:lobby"})).await;
-    assert_eq!(offsets(&h), vec![1, 2, 3, 4, 5]);
-    assert_eq!(h["entries"][4]["kind"], "left");
+    assert_eq!(offsets(&h), vec![1, 2], "nor are leaves");
     // The connection that left no longer receives the room; readers still do.
     alice.buffered();
     let o = send(&mut bob, "lobby", "after alice left").await;
@@ -429,6 +430,83 @@ async fn public_rooms(enc: Encoding) {
     assert!(
         !alice.has_buffered(|p| p.offset == Some(o)),
         "pushed after leaving"
+    );
+    dave.hub_barrier().await;
+    assert!(
+        !dave.has_buffered(|p| p.data["kind"] == "joined" || p.data["kind"] == "left"),
+        "no membership entry reached a subscriber"
+    );
+
+    // A removal is an entry even here: history shows who removed whom.
+    bob.ok("room.join", json!({"room": "lobby"})).await;
+    let (status, _) = node
+        .api("DELETE", "/api/v1/rooms/lobby/members/bob", None)
+        .await;
+    assert_eq!(status, 200);
+    let p = dave.entry("room:lobby", "left").await;
+    assert_eq!(
+        (p.offset, &p.data["sender"], &p.data["data"]["by"]),
+        (Some(4), &json!("bob"), &json!("server"))
+    );
+}
+
+/// A room's creator chooses whether joins and leaves are entries: a public
+/// room can record them, a group room can leave them out. Leaving a group
+/// room without them still ends every subscription of the user to it.
+async fn membership_entries_are_a_per_room_choice(enc: Encoding) {
+    let node = TestNode::start().await;
+    let mut alice = node.connect("alice", enc).await;
+    let mut bob = node.connect("bob", other(enc)).await;
+    let mut bob2 = node.connect("bob", enc).await;
+
+    let r = alice
+        .ok(
+            "room.create",
+            json!({"room": "stage", "kind": "public", "membership_entries": true}),
+        )
+        .await;
+    assert_eq!(r["membership_entries"], true);
+    bob.ok("room.join", json!({"room": "stage"})).await;
+    let h = alice.ok("history", json!({"channel": "room:stage"})).await;
+    let kinds: Vec<&str> = h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["joined", "joined"], "{h}");
+
+    let r = alice
+        .ok(
+            "room.create",
+            json!({"room": "quiet", "kind": "group", "members": ["bob"], "membership_entries": false}),
+        )
+        .await;
+    assert_eq!(r["membership_entries"], false);
+    let g = alice
+        .ok("room.create", json!({"room": "loud", "kind": "group"}))
+        .await;
+    assert_eq!(
+        g["membership_entries"], true,
+        "group rooms record by default"
+    );
+    bob.ok("room.join", json!({"room": "quiet"})).await;
+    bob2.ok("room.join", json!({"room": "quiet"})).await;
+    let o = send(&mut alice, "quiet", "hello").await;
+    assert_eq!(o, 1, "no entry for the members added or joining");
+    assert_eq!(bob2.entry("room:quiet", "message").await.offset, Some(1));
+    assert_eq!(
+        bob.ok("room.leave", json!({"room": "quiet"})).await["left"],
+        true
+    );
+    let m = alice.ok("room.members", json!({"room": "quiet"})).await;
+    assert_eq!(members(&m), vec![("alice".into(), "owner".into())]);
+    let o = send(&mut alice, "quiet", "after bob left").await;
+    assert_eq!(o, 2, "no entry for the leave");
+    bob2.hub_barrier().await;
+    assert!(
+        !bob2.has_buffered(|p| p.offset == Some(o)),
+        "bob's other connection stopped receiving the room he left"
     );
 }
 
@@ -1100,7 +1178,10 @@ async fn a_leave_is_readable_when_it_is_answered(enc: Encoding) {
     let mut alice = node.connect("alice", enc).await;
     let mut bob = node.connect("bob", other(enc)).await;
     alice
-        .ok("room.create", json!({"room": "door", "kind": "public"}))
+        .ok(
+            "room.create",
+            json!({"room": "door", "kind": "public", "membership_entries": true}),
+        )
         .await;
     for round in 0..30 {
         bob.ok("room.join", json!({"room": "door"})).await;

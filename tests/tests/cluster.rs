@@ -24,8 +24,12 @@ async fn a_room_is_served_across_three_nodes_with_one_copy_per_node() {
     let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
 
     let mut alice = b.connect("alice", Encoding::Json).await;
+    // Joins are entries here, so every subscriber can wait for carol's.
     alice
-        .ok("room.create", json!({"room": name, "kind": "public"}))
+        .ok(
+            "room.create",
+            json!({"room": name, "kind": "public", "membership_entries": true}),
+        )
         .await;
     let mut subscribers = Vec::new();
     for (i, node) in [a, b, c, b, c, c].into_iter().enumerate() {

@@ -162,7 +162,7 @@ impl Message<Leave> for RoomActor {
         }
         // Answered once the `left` entry is durable, so it is readable then.
         let removed = self
-            .remove(&m.user, None, m.replier, json!({"left": true}))
+            .remove(&m.user, Removal::Left, m.replier, json!({"left": true}))
             .await;
         if let (true, Some(conn)) = (removed, m.conn) {
             // The user's other connections to a non-public room follow once the
@@ -170,6 +170,14 @@ impl Message<Leave> for RoomActor {
             self.log.unsubscribe(&conn).await;
         }
     }
+}
+
+/// How a member goes.
+enum Removal<'a> {
+    /// They left.
+    Left,
+    /// An owner (`by`), or the server API (`None`), removed them.
+    Kicked { by: Option<&'a str> },
 }
 
 impl RoomActor {
@@ -182,12 +190,13 @@ impl RoomActor {
     }
 
     /// Removes a member (checked with [`Self::removable`]) and publishes the
-    /// `left` entry; `replier` gets `answer` once that entry is durable.
-    /// False when the store refused (the replier has the error).
+    /// `left` entry (a leave in a room without membership entries has none);
+    /// `replier` gets `answer` once that entry is durable. False when the
+    /// store refused (the replier has the error).
     async fn remove(
         &mut self,
         user: &str,
-        by: Option<&str>,
+        how: Removal<'_>,
         replier: Replier,
         answer: Value,
     ) -> bool {
@@ -196,14 +205,22 @@ impl RoomActor {
             return false;
         }
         self.members.remove(user);
-        let mut e = self.room_entry(EntryKind::Left, Some(user.to_string()));
-        if let Some(by) = by {
-            e.data = Some(json!({"by": by}));
-        }
         let room_is_public = self
             .room
             .as_ref()
             .is_some_and(|r| r.kind == RoomKind::Public);
+        if matches!(how, Removal::Left) && !self.records_membership() {
+            // A leave in a room without membership entries: nothing to push.
+            if !room_is_public {
+                self.log.unsubscribe_user(user).await;
+            }
+            replier.send(&self.svc, Ok(answer)).await;
+            return true;
+        }
+        let mut e = self.room_entry(EntryKind::Left, Some(user.to_string()));
+        if let Removal::Kicked { by: Some(by) } = how {
+            e.data = Some(json!({"by": by}));
+        }
         // A removed user stops receiving a private room's traffic once the
         // `left` entry (which they do see) is delivered.
         let after = if room_is_public {
@@ -276,7 +293,8 @@ impl Message<Kick> for RoomActor {
             Ok(()) => {
                 let by = m.by.as_deref().or(Some("server"));
                 let answer = json!({"removed": m.user});
-                self.remove(&m.user, by, m.replier, answer).await;
+                self.remove(&m.user, Removal::Kicked { by }, m.replier, answer)
+                    .await;
             }
         }
     }

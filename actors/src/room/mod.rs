@@ -378,6 +378,11 @@ impl RoomActor {
         });
     }
 
+    /// Are joins and leaves entries here ([`RoomInfo::records_membership`])?
+    fn records_membership(&self) -> bool {
+        self.room.as_ref().is_some_and(RoomInfo::records_membership)
+    }
+
     fn room_entry(&self, kind: EntryKind, sender: Option<String>) -> Entry {
         let mut e = Entry::new(0, kind, 0, now_ms());
         e.sender = sender;
@@ -395,6 +400,9 @@ impl RoomActor {
             .put_member(&self.channel.name, &member)
             .await?;
         self.members.insert(user.to_string(), member);
+        if !self.records_membership() {
+            return Ok(());
+        }
         let mut e = self.room_entry(EntryKind::Joined, Some(user.to_string()));
         if let Some(by) = by {
             e.data = Some(json!({"by": by}));

@@ -40,6 +40,8 @@ export interface RoomInfo {
   name?: string;
   created_by: string;
   created_at: Millis;
+  /** Joins and leaves are `joined` / `left` entries (absent on rooms created before the setting). */
+  membership_entries?: boolean;
 }
 
 export interface Member {
@@ -165,6 +167,8 @@ export interface RoomCreateArgs {
   kind: "group" | "public";
   name?: string;
   members?: string[];
+  /** Record joins and leaves as entries; default true, false for public rooms. */
+  membership_entries?: boolean;
 }
 
 export interface SendArgs {

@@ -81,9 +81,11 @@ test("close 4001 (refresh failed): a new token first, then the reconnect resumes
 });
 
 test("a static token that expires: close 4001 ends the client with token_expired", async () => {
-  const c = new ChorusClient({ url: node.url, token: node.token("frank", { ttl: "1s" }), WebSocket, reconnect: quick });
+  // 2 s: `exp` is in whole seconds, so a 1 s token minted just before a
+  // second ticks over can be expired before the client connects.
+  const c = new ChorusClient({ url: node.url, token: node.token("frank", { ttl: "2s" }), WebSocket, reconnect: quick });
   await c.connect();
-  const [err] = await nextEvent<[ChorusError | undefined]>((f) => c.on("closed", f), "closed", () => true, 5000);
+  const [err] = await nextEvent<[ChorusError | undefined]>((f) => c.on("closed", f), "closed", () => true, 8000);
   assert.equal(c.state, "closed");
   assert.equal(err?.code, 2004);
   assert.equal(err?.name, "token_expired");
