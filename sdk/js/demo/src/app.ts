@@ -158,7 +158,8 @@ $("join-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const id = $<HTMLInputElement>("join-room").value.trim();
   try {
-    await client.rooms.create({ room: id, kind: "public", name: id });
+    // A small chat room: joins are shown (and refresh the presence list).
+    await client.rooms.create({ room: id, kind: "public", name: id, membership_entries: true });
   } catch (e) {
     if (!(e instanceof ChorusError && e.name === "room_exists")) throw e;
   }
