@@ -20,6 +20,7 @@ pub mod auth;
 pub mod config;
 pub mod doc_ws;
 pub mod membership;
+pub mod socket;
 pub mod status;
 pub mod ws;
 
