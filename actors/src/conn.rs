@@ -29,6 +29,7 @@ use crate::hub::{ConnAddr, ConnId, ConnSink, PushError, Register, Unregister};
 use crate::placement::{user_key, NodeId};
 use crate::room::{self, new_epoch, RoomActor};
 use crate::services::{Replier, Services};
+use crate::timers::Timers;
 use crate::user::{self, UserActor};
 use crate::{Claims, Fail};
 
@@ -129,7 +130,7 @@ impl Actor for ConnActor {
         svc.conn_opened(id, me.downgrade());
         svc.metrics.connections.inc();
         svc.metrics.connections_total.inc();
-        schedule_token_check(&me, claims.expires_at, 0);
+        schedule_token_check(&svc.timers, &me, claims.expires_at, 0);
         let limiter = RateLimiter::new(svc.config.rate_per_sec, svc.config.rate_burst);
         let doc_limiter = crate::doc::session::Bucket::new(
             svc.config.docs.updates_per_sec,
@@ -185,9 +186,14 @@ impl Actor for ConnActor {
     }
 }
 
-fn schedule_token_check(me: &ActorRef<ConnActor>, expires_at: i64, generation: u64) {
+fn schedule_token_check(
+    timers: &Timers,
+    me: &ActorRef<ConnActor>,
+    expires_at: i64,
+    generation: u64,
+) {
     let wait = Duration::from_millis((expires_at - now_ms()).max(0) as u64);
-    drop(me.tell(TokenCheck { generation }).send_after(wait));
+    timers.tell_after(me, TokenCheck { generation }, wait);
 }
 
 fn to_value<T: Serialize>(v: &T) -> Value {
@@ -845,11 +851,9 @@ impl Message<Reannounce> for ConnActor {
             }
         }
         if !settled {
-            drop(
-                ctx.actor_ref()
-                    .tell(Reannounce)
-                    .send_after(REANNOUNCE_RETRY),
-            );
+            self.svc
+                .timers
+                .tell_after(ctx.actor_ref(), Reannounce, REANNOUNCE_RETRY);
         }
     }
 }
@@ -896,6 +900,7 @@ impl Message<Inbound> for ConnActor {
                 }
                 if self.token_generation != generation {
                     schedule_token_check(
+                        &self.svc.timers,
                         ctx.actor_ref(),
                         self.claims.expires_at,
                         self.token_generation,
@@ -918,6 +923,7 @@ impl Message<TokenCheck> for ConnActor {
             self.sink.close(close::TOKEN_EXPIRED, "token expired");
         } else {
             schedule_token_check(
+                &self.svc.timers,
                 ctx.actor_ref(),
                 self.claims.expires_at,
                 self.token_generation,

@@ -43,6 +43,7 @@ pub mod placement;
 pub mod remote;
 pub mod room;
 pub mod services;
+pub mod timers;
 pub mod user;
 
 pub use auth::{Claims, TokenVerifier};

@@ -28,6 +28,7 @@ use crate::hub::{ConnAddr, ConnId, Hub};
 use crate::placement::{NodeId, Registry};
 use crate::remote::{PeerMsg, Wire};
 use crate::room::RoomActor;
+use crate::timers::Timers;
 use crate::user::UserActor;
 use crate::{ActorConfig, Fail, Metrics, TokenVerifier};
 
@@ -98,6 +99,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     pub verifier: Arc<dyn TokenVerifier>,
     pub hub: ActorRef<Hub>,
+    /// Every actor's delayed messages, fired by one task.
+    pub timers: Timers,
     runtime: tokio::runtime::Handle,
     pub cluster: Arc<Cluster>,
     pub(crate) rooms: Registry<RoomActor>,
@@ -133,7 +136,12 @@ impl Services {
             )
         };
         let first_conn = cluster.generation().max(1);
+        let timers = {
+            let _guard = runtime.enter();
+            Timers::start()
+        };
         Arc::new(Services {
+            timers,
             config,
             store,
             metrics,

@@ -69,7 +69,8 @@ impl Actor for UserActor {
         let last_seen = svc.store.last_seen(&user).await?;
         let prefs = svc.store.get_prefs(&user).await?.unwrap_or_default();
         svc.metrics.active_users.inc();
-        drop(me.tell(IdleCheck).send_after(svc.config.passivate_after));
+        svc.timers
+            .tell_after(&me, IdleCheck, svc.config.passivate_after);
         Ok(UserActor {
             svc,
             user,
@@ -172,9 +173,10 @@ impl UserActor {
         if let Some(at) = next {
             if self.idle_timer_at.is_none_or(|cur| at < cur) {
                 self.idle_timer_at = Some(at);
-                drop(
-                    me.tell(IdleTick)
-                        .send_after(at.saturating_duration_since(Instant::now())),
+                self.svc.timers.tell_after(
+                    me,
+                    IdleTick,
+                    at.saturating_duration_since(Instant::now()),
                 );
             }
         }
@@ -457,10 +459,10 @@ impl Message<Notify> for UserActor {
             self.flush().await;
         } else if !self.flush_scheduled {
             self.flush_scheduled = true;
-            drop(
-                ctx.actor_ref()
-                    .tell(FlushNotifications)
-                    .send_after(self.svc.config.notify_coalesce),
+            self.svc.timers.tell_after(
+                ctx.actor_ref(),
+                FlushNotifications,
+                self.svc.config.notify_coalesce,
             );
         }
     }
@@ -543,11 +545,9 @@ impl Message<IdleCheck> for UserActor {
         if idle {
             self.svc.passivate(&self.user, ctx.actor_ref());
         } else {
-            drop(
-                ctx.actor_ref()
-                    .tell(IdleCheck)
-                    .send_after(self.svc.config.passivate_after),
-            );
+            self.svc
+                .timers
+                .tell_after(ctx.actor_ref(), IdleCheck, self.svc.config.passivate_after);
         }
     }
 }

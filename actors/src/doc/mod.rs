@@ -90,7 +90,7 @@ impl Actor for DocActor {
             .observe(started.elapsed().as_secs_f64());
         svc.metrics.docs.active.inc();
         let every = svc.docs_passivate_after().min(Duration::from_secs(1));
-        drop(me.tell(IdleCheck).send_after(every));
+        svc.timers.tell_after(&me, IdleCheck, every);
         let mut actor = DocActor {
             channel: doc_channel(&name),
             svc,
@@ -224,10 +224,10 @@ impl Message<IdleCheck> for DocActor {
         if idle {
             self.svc.passivate(&self.name, ctx.actor_ref());
         } else {
-            drop(
-                ctx.actor_ref()
-                    .tell(IdleCheck)
-                    .send_after(after.min(Duration::from_secs(1))),
+            self.svc.timers.tell_after(
+                ctx.actor_ref(),
+                IdleCheck,
+                after.min(Duration::from_secs(1)),
             );
         }
     }

@@ -91,10 +91,10 @@ impl Actor for RoomActor {
         };
         svc.metrics.active_rooms.inc();
         let passivate_after = svc.config.passivate_after;
-        drop(
-            actor_ref
-                .tell(IdleCheck)
-                .send_after(passivate_after.min(Duration::from_secs(1))),
+        svc.timers.tell_after(
+            &actor_ref,
+            IdleCheck,
+            passivate_after.min(Duration::from_secs(1)),
         );
         Ok(RoomActor {
             log: ChannelLog::new(svc.clone(), key.clone(), head),
@@ -461,11 +461,9 @@ impl Message<IdleCheck> for RoomActor {
         if idle {
             self.svc.passivate(&self.key, ctx.actor_ref());
         } else {
-            drop(
-                ctx.actor_ref()
-                    .tell(IdleCheck)
-                    .send_after(self.svc.config.passivate_after),
-            );
+            self.svc
+                .timers
+                .tell_after(ctx.actor_ref(), IdleCheck, self.svc.config.passivate_after);
         }
     }
 }

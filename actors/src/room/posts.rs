@@ -296,11 +296,9 @@ impl Message<Typing> for RoomActor {
         }
         if !self.typing_timer {
             self.typing_timer = true;
-            drop(
-                ctx.actor_ref()
-                    .tell(TypingExpire)
-                    .send_after(self.svc.config.typing_ttl),
-            );
+            self.svc
+                .timers
+                .tell_after(ctx.actor_ref(), TypingExpire, self.svc.config.typing_ttl);
         }
         Ok(())
     }
@@ -330,10 +328,10 @@ impl Message<TypingExpire> for RoomActor {
         self.typing_timer = false;
         if let Some(next) = self.typing.values().min() {
             self.typing_timer = true;
-            drop(
-                ctx.actor_ref()
-                    .tell(TypingExpire)
-                    .send_after(next.saturating_duration_since(now)),
+            self.svc.timers.tell_after(
+                ctx.actor_ref(),
+                TypingExpire,
+                next.saturating_duration_since(now),
             );
         }
     }
