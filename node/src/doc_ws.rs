@@ -24,7 +24,7 @@ use chorus_protocol::{close, valid_id, ErrorCode, SharedFrame};
 use tokio::sync::mpsc::Receiver;
 
 use crate::api::error_response;
-use crate::ws::{protocol_close, token, GatewayLimits};
+use crate::ws::{close_broken, token, GatewayLimits};
 use crate::AppState;
 
 pub async fn handshake(
@@ -142,15 +142,7 @@ async fn read_loop(
             }
             Ok(Some(Ok(AggregatedMessage::Binary(b)))) => b,
             Ok(Some(Err(e))) => {
-                let (code, error, why) = protocol_close(&e);
-                metrics.error(error);
-                let _ = session
-                    .clone()
-                    .close(Some(CloseReason {
-                        code,
-                        description: Some(why.into()),
-                    }))
-                    .await;
+                close_broken(&session, &e, &metrics).await;
                 break;
             }
         };

@@ -26,7 +26,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::Receiver;
 use tokio::time::{Duration, Instant};
 
-use crate::ws::{protocol_close, GatewayLimits};
+use crate::ws::{close_broken, GatewayLimits};
 
 /// How long a closing socket waits for a client that does not take data.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -156,17 +156,7 @@ async fn read(
         Some(Ok(AggregatedMessage::Text(t))) => (t.into_bytes(), Encoding::Json),
         Some(Ok(AggregatedMessage::Binary(b))) => (b, Encoding::MsgPack),
         Some(Err(e)) => {
-            // Nothing more can be read safely: close with the RFC 6455 code.
-            tracing::debug!(error = %e, "websocket protocol error");
-            let (code, error, why) = protocol_close(&e);
-            metrics.error(error);
-            let _ = session
-                .clone()
-                .close(Some(CloseReason {
-                    code,
-                    description: Some(why.into()),
-                }))
-                .await;
+            close_broken(session, &e, metrics).await;
             return Step::Stop;
         }
     };

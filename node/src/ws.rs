@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, ProtocolError};
+use actix_ws::{CloseCode, CloseReason, ProtocolError, Session};
 use chorus_actors::conn::{ConnActor, ConnArgs};
 use chorus_actors::hub::outbound;
-use chorus_actors::Fail;
+use chorus_actors::{Fail, Metrics};
 use chorus_protocol::{Encoding, ErrorCode, SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK};
 use kameo::actor::Spawn;
 use kameo::mailbox;
@@ -152,6 +152,19 @@ pub struct GatewayLimits {
     pub hard_max_frame_bytes: usize,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+}
+
+/// Closes a socket whose stream broke with the code [`protocol_close`]
+/// gives, counting the error: nothing more can be read from it safely.
+pub(crate) async fn close_broken(session: &Session, e: &ProtocolError, metrics: &Metrics) {
+    tracing::debug!(error = %e, "websocket protocol error");
+    let (code, error, why) = protocol_close(e);
+    metrics.error(error);
+    let reason = CloseReason {
+        code,
+        description: Some(why.into()),
+    };
+    let _ = session.clone().close(Some(reason)).await;
 }
 
 /// The close a broken WebSocket stream gets (RFC 6455 section 7.4.1): 1009
