@@ -467,6 +467,8 @@ async fn membership_entries_are_a_per_room_choice(enc: Encoding) {
         .await;
     assert_eq!(r["membership_entries"], true);
     bob.ok("room.join", json!({"room": "stage"})).await;
+    // The join is answered before its entry is durable: wait for it.
+    bob.entry("room:stage", "joined").await;
     let h = alice.ok("history", json!({"channel": "room:stage"})).await;
     let kinds: Vec<&str> = h["entries"]
         .as_array()
