@@ -220,6 +220,30 @@ impl Sandbox {
         net.cut(&id(a), &id(b));
     }
 
+    /// Cuts node `i` off from every other node and waits until both sides
+    /// see the split: `i` alone, the others without it.
+    pub async fn split_off(&self, i: usize) {
+        let n = self.nodes.len();
+        for other in (0..n).filter(|o| *o != i) {
+            self.partition(i, other);
+        }
+        let view_len = |j: usize| {
+            self.nodes[j]
+                .handle()
+                .services()
+                .cluster
+                .view()
+                .members()
+                .len()
+        };
+        eventually("both sides to see the split", || async {
+            (0..n)
+                .all(|j| view_len(j) == if j == i { 1 } else { n - 1 })
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Node `i` can no longer reach the store: every store call it makes
     /// fails as unavailable (it is on the side of a partition without the
     /// store's quorum). Only for a [`Sandbox::partitionable`] one.

@@ -343,22 +343,7 @@ async fn two_owners_during_a_partition_never_share_an_offset() {
     let mut bob = cluster.node(2).connect("bob", Encoding::MsgPack).await;
     bob.ok("room.join", json!({"room": name})).await;
 
-    cluster.partition(2, 0);
-    cluster.partition(2, 1);
-    let view_len = |i: usize| {
-        cluster
-            .node(i)
-            .handle()
-            .services()
-            .cluster
-            .view()
-            .members()
-            .len()
-    };
-    eventually("both sides to see the split", || async {
-        (view_len(0) == 2 && view_len(1) == 2 && view_len(2) == 1).then_some(())
-    })
-    .await;
+    cluster.split_off(2).await;
     assert_ne!(
         cluster
             .node(0)
@@ -440,13 +425,7 @@ async fn an_owner_behind_another_writer_resumes_a_subscriber_ahead_of_it() {
     let epoch = s["epoch"].as_str().unwrap().to_string();
     assert_eq!(s["offset"].as_u64(), Some(first));
 
-    cluster.partition(2, 0);
-    cluster.partition(2, 1);
-    eventually("node 0 to own the room without node 2", || async {
-        let owner = cluster.node(0).handle().services().cluster.owner(&room);
-        (owner.as_str() != "node-2").then_some(())
-    })
-    .await;
+    cluster.split_off(2).await;
     let mut last = first;
     for i in 0..3 {
         last = send_until_acked(&mut alice, &name, &format!("majority-{i}")).await;
@@ -512,23 +491,8 @@ async fn a_minority_without_the_store_acknowledges_nothing_and_converges_once_he
         "before".to_string(),
     )];
 
-    cluster.partition(2, 0);
-    cluster.partition(2, 1);
+    cluster.split_off(2).await;
     cluster.cut_from_store(2);
-    let view_len = |i: usize| {
-        cluster
-            .node(i)
-            .handle()
-            .services()
-            .cluster
-            .view()
-            .members()
-            .len()
-    };
-    eventually("both sides to see the split", || async {
-        (view_len(0) == 2 && view_len(1) == 2 && view_len(2) == 1).then_some(())
-    })
-    .await;
 
     // The minority side acknowledges nothing: every try is a retryable error.
     let island = json!({"room": name, "text": "from the island", "client_id": "island"});
